@@ -1,0 +1,109 @@
+"""Controllers: where the field's weights θ come from and how they move.
+
+* :class:`StaticInit` — θ(0) is one learned vector shared by all inputs (NODE / ANODE).
+* :class:`Hypernetwork` — open loop, θ(0) = γ(x(0)) per sample (γ an MLP).
+* :class:`Feedback` — closed loop, dθ/dt = g(θ, x, t) (g an MLP on ``[θ, x, t]``).
+* :func:`augment` — zero-pad the state's last axis (ANODE-style augmentation).
+
+Each controller is a frozen, hashable description with ``init(key) -> params`` and a pure
+``__call__(params, ...)``; parameters are plain PyTrees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .layout import ParamLayout
+from .nn import mlp_apply, mlp_init
+
+
+def augment(x: Array, extra: int) -> Array:
+    """Append ``extra`` zero channels on the last axis of ``x`` (``extra=0`` returns ``x``)."""
+    if extra < 0:
+        raise ValueError(f"augment: extra channels must be >= 0, got {extra}")
+    if extra == 0:
+        return x
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, extra)]
+    return jnp.pad(x, pad)
+
+
+@dataclass(frozen=True)
+class StaticInit:
+    """θ(0) = θ̄, a learned vector shared by the whole batch: returns shape ``(P,)``."""
+
+    layout: ParamLayout
+
+    def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict[str, Array]:
+        return {"theta": self.layout.init(key, dtype)}
+
+    def __call__(self, params, x0: Array) -> Float[Array, " P"]:
+        del x0
+        return params["theta"]
+
+
+@dataclass(frozen=True)
+class Hypernetwork:
+    """Open-loop control θ(0) = γ(x(0)) = θ̄ + MLP(flatten(x(0))): returns ``(B, P)``.
+
+    ``in_size`` is the number of entries of one input sample; ``hidden`` the MLP widths (the
+    paper's image classifier uses one layer of 10 units). The MLP's last layer is scaled by the
+    layout's per-weight init scale, so θ(0) starts near a well-initialised field.
+    """
+
+    layout: ParamLayout
+    in_size: int
+    hidden: tuple[int, ...] = (32,)
+    act: str = "tanh"
+
+    def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict:
+        k_base, k_mlp = jax.random.split(key)
+        sizes = (self.in_size, *self.hidden, self.layout.size)
+        return {
+            "theta": self.layout.init(k_base, dtype),
+            "mlp": mlp_init(k_mlp, sizes, last_scale=self.layout.init_std(dtype), dtype=dtype),
+        }
+
+    def __call__(self, params, x0: Array) -> Float[Array, "B P"]:
+        flat = x0.reshape(x0.shape[0], -1)
+        if flat.shape[1] != self.in_size:
+            raise ValueError(
+                f"Hypernetwork expects inputs with {self.in_size} entries per sample, got "
+                f"x0 of shape {tuple(x0.shape)} ({flat.shape[1]} per sample)"
+            )
+        return params["theta"] + mlp_apply(params["mlp"], flat, self.act)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Closed-loop control ``dθ/dt = g(θ, x, t) = MLP([θ, flatten(x), t])``: returns ``(B, P)``.
+
+    ``x_size`` is the number of entries of one state sample. The last layer starts small
+    (``out_scale`` times LeCun), so training begins close to open-loop dynamics.
+    """
+
+    layout: ParamLayout
+    x_size: int
+    hidden: tuple[int, ...] = (32,)
+    act: str = "tanh"
+    out_scale: float = 0.1
+
+    def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict:
+        sizes = (self.layout.size + self.x_size + 1, *self.hidden, self.layout.size)
+        return {"mlp": mlp_init(key, sizes, last_scale=self.out_scale, dtype=dtype)}
+
+    def __call__(self, params, t, theta: Array, x: Array) -> Float[Array, "B P"]:
+        b = x.shape[0]
+        theta = jnp.broadcast_to(theta, (b, self.layout.size))
+        flat = x.reshape(b, -1)
+        tt = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b, 1))
+        return mlp_apply(params["mlp"], jnp.concatenate([theta, flat, tt], axis=-1), self.act)
+
+
+def num_inputs(shape: tuple[int, ...]) -> int:
+    """Entries per sample of a state with per-sample ``shape``."""
+    return math.prod(shape)

@@ -1,0 +1,111 @@
+"""The N-CODE module: initial control → augmented ODE → final state, as one pure function.
+
+``NCODE`` composes a field ``f``, where θ(0) comes from (:class:`StaticInit` or
+:class:`Hypernetwork`), an optional closed-loop :class:`Feedback` and optional zero-channel
+augmentation of the input. The four model families of the paper are one line each::
+
+    NCODE.build("node",   field, data_shape)   # θ shared and constant
+    NCODE.build("anode",  field, data_shape, augment=1)
+    NCODE.build("open",   field, data_shape)   # θ(0) = γ(x(0)), dθ/dt = 0
+    NCODE.build("closed", field, data_shape)   # θ(0) = θ̄,       dθ/dt = g(θ, x, t)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray
+
+from .control import Feedback, Hypernetwork, StaticInit, augment
+from .dynamics import Dynamics, RunningCost
+from .fields import VectorField
+from .solve import Solution, solve
+
+KINDS = ("node", "anode", "open", "closed", "open_closed")
+
+
+@dataclass(frozen=True)
+class NCODE:
+    """Initial control + (optional) feedback + field, on inputs padded by ``augment`` channels."""
+
+    field: VectorField
+    initial: StaticInit | Hypernetwork
+    feedback: Feedback | None = None
+    augment: int = 0
+    running_cost: RunningCost | None = None
+
+    def __post_init__(self):
+        if self.initial.layout != self.field.layout:
+            raise ValueError("NCODE: the initial controller's layout does not match the field's")
+
+    @classmethod
+    def build(
+        cls,
+        kind: str,
+        field: VectorField,
+        data_shape: tuple[int, ...],
+        *,
+        augment: int = 0,
+        hidden: tuple[int, ...] = (32,),
+        feedback_hidden: tuple[int, ...] = (32,),
+        running_cost: RunningCost | None = None,
+    ) -> "NCODE":
+        """One of ``node``, ``anode``, ``open``, ``closed`` (static θ(0) + feedback, as in the
+        paper's fig. 3) or ``open_closed`` (γ(x(0)) + feedback). ``data_shape`` is one input
+        sample's shape before augmentation."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown model kind {kind!r}; choose one of {list(KINDS)}")
+        if kind == "node" and augment:
+            raise ValueError("a NODE has no augmentation; use kind='anode'")
+        layout = field.layout
+        if kind in ("open", "open_closed"):
+            initial = Hypernetwork(layout, math.prod(data_shape), hidden)
+        else:
+            initial = StaticInit(layout)
+        feedback = (
+            Feedback(layout, math.prod(field.state_shape), feedback_hidden)
+            if kind in ("closed", "open_closed")
+            else None
+        )
+        model = cls(field, initial, feedback, augment, running_cost)
+        model.check_data_shape(tuple(data_shape))
+        return model
+
+    def check_data_shape(self, data_shape: tuple[int, ...]) -> None:
+        padded = (*data_shape[:-1], data_shape[-1] + self.augment) if data_shape else data_shape
+        if tuple(padded) != tuple(self.field.state_shape):
+            raise ValueError(
+                f"inputs of shape {data_shape} padded by {self.augment} channel(s) give "
+                f"{padded}, but the field's state shape is {self.field.state_shape}"
+            )
+
+    @property
+    def dynamics(self) -> Dynamics:
+        return Dynamics(self.field, self.feedback, self.running_cost)
+
+    def with_running_cost(self, running_cost: RunningCost | None) -> "NCODE":
+        return replace(self, running_cost=running_cost)
+
+    def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict:
+        k_init, k_fb = jax.random.split(key)
+        params = {"initial": self.initial.init(k_init, dtype)}
+        if self.feedback is not None:
+            params["feedback"] = self.feedback.init(k_fb, dtype)
+        return params
+
+    def initial_theta(self, params: dict, x0: Array) -> Array:
+        """θ(0): ``(P,)`` for a static initial controller, ``(B, P)`` for a hypernetwork."""
+        return self.initial(params["initial"], x0)
+
+    def __call__(self, params: dict, x0: Array, *, cost_args=None, **solve_options) -> Solution:
+        """Solve from data ``x0`` of shape ``(B, *data_shape)``; ``solve_options`` go to
+        :func:`~ncode_jax.solve.solve` (``t1``, ``ts``, ``solver``, ``dt``, ``adjoint``, ...)."""
+        if x0.ndim < 2:
+            raise ValueError(f"x0 must be batched, shape (batch, *data_shape); got {tuple(x0.shape)}")
+        self.check_data_shape(tuple(x0.shape[1:]))
+        theta0 = self.initial_theta(params, x0)
+        solve_params = {"feedback": params.get("feedback"), "cost": cost_args}
+        return solve(self.dynamics, augment(x0, self.augment), theta0, solve_params, **solve_options)
