@@ -1,11 +1,22 @@
-"""Shared test setup: float64 everywhere (gradient checks need it), a tree_allclose helper."""
+"""Shared test setup: float64 by default (gradient checks need it), a tree_allclose helper.
+
+A test module that must run in float32 (training scripts, as users run them) sets
+``X64 = False`` at module level.
+"""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+
+@pytest.fixture(autouse=True, scope="module")
+def _precision(request):
+    jax.config.update("jax_enable_x64", getattr(request.module, "X64", True))
+    yield
+    jax.config.update("jax_enable_x64", True)
 
 
 def tree_allclose(a, b, *, rtol=1e-7, atol=0.0) -> bool:

@@ -194,7 +194,7 @@ def train_one(cfg: ToyConfig, workdir: Path, *, progress: bool = True) -> dict:
     eval_fn = jax.jit(task.loss_and_metric)
     test_loss, (test_metric, test_nfe) = eval_fn(params, *task.test)
     summary = {
-        "problem": cfg.problem, "model": cfg.model, "steps": cfg.steps,
+        "problem": cfg.problem, "model": cfg.model, "steps": max(start, cfg.steps),
         "test_loss": float(test_loss), f"test_{task.metric_name}": float(test_metric),
         "nfe": int(test_nfe), "train_time_s": round(train_time, 2),
         "solver": cfg.solver, "adjoint": cfg.adjoint,

@@ -1,0 +1,119 @@
+"""The paper's toy experiments (sec. 5.1): expressivity claims, the CLI, resume after a kill."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from train import toy
+
+X64 = False  # train as users do, in float32
+
+
+def _configs(problem, models, steps, **kw):
+    return [toy.ToyConfig(problem=problem, model=m, steps=steps, **kw) for m in models]
+
+
+@pytest.fixture(scope="module")
+def reflection_results(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reflection")
+    cfgs = _configs("reflection", ["node", "open", "closed"], steps=200)
+    summaries = toy.train_and_evaluate(cfgs, workdir, progress=False)
+    return {s["model"]: s for s in summaries}, workdir
+
+
+@pytest.fixture(scope="module")
+def annuli_results(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("annuli")
+    cfgs = _configs("annuli", ["open", "closed"], steps=200)
+    summaries = toy.train_and_evaluate(cfgs, workdir, progress=False)
+    return {s["model"]: s for s in summaries}, workdir
+
+
+def test_node_cannot_reflect(reflection_results):
+    # A 1-D flow map is increasing: its best MSE to -x on U[-1, 1] is E[x^2] = 1/3.
+    assert reflection_results[0]["node"]["test_mse"] >= 0.3
+
+
+@pytest.mark.parametrize("model", ["open", "closed"])
+def test_ncode_fits_reflection(reflection_results, model):
+    assert reflection_results[0][model]["test_mse"] < 1e-3
+
+
+@pytest.mark.parametrize("model", ["open", "closed"])
+def test_ncode_separates_annuli(annuli_results, model):
+    assert annuli_results[0][model]["test_accuracy"] >= 0.99
+
+
+def test_outputs_written(reflection_results):
+    _, workdir = reflection_results
+    for name in ["summary.json", "results.md", "metrics.jsonl", "reflection_trajectories.png",
+                 "training_curves.png"]:
+        assert (workdir / name).stat().st_size > 0, name
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert {s["model"] for s in summary} == {"node", "open", "closed"}
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["model"] == "open"]
+    assert steps == list(range(10, 201, 10))
+    assert "N-CODE closed" in (workdir / "results.md").read_text()
+
+
+def test_cli_smoke(tmp_path, capsys):
+    rc = toy.main(["--workdir", str(tmp_path), "--problem", "annuli", "--model", "anode",
+                   "--steps", "3", "--log-every", "1", "--solver", "rk4", "--dt", "0.25",
+                   "--adjoint", "backsolve", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| annuli | ANODE |" in out
+    assert (tmp_path / "annuli_flows.png").exists()
+
+
+def test_cli_rejects_bad_options(tmp_path, capsys):
+    assert toy.main(["--workdir", str(tmp_path), "--steps", "0"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        toy.main(["--solver", "rk45"])  # argparse names the valid choices
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown problem"):
+        toy.ToyConfig(problem="spirals")
+    with pytest.raises(ValueError, match="unknown adjoint"):
+        toy.ToyConfig(adjoint="adjoint")
+    with pytest.raises(ValueError, match="dt must be positive"):
+        toy.ToyConfig(dt=-0.1)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+    cfg = toy.ToyConfig(problem="reflection", model="open", steps=20, checkpoint_every=5,
+                        log_every=5, solver="rk4", dt=0.25)
+    toy.train_one(cfg, tmp_path / "straight", progress=False)
+    straight = toy.load_checkpoint(tmp_path / "straight" / "checkpoints" / "reflection_open.pkl")
+
+    # Kill the run right after its second checkpoint (step 10).
+    real_save, saves = toy.save_checkpoint, []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(toy, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        toy.train_one(cfg, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(toy, "save_checkpoint", real_save)
+    ckpt = tmp_path / "killed" / "checkpoints" / "reflection_open.pkl"
+    assert toy.load_checkpoint(ckpt)["step"] == 10
+    toy.train_one(cfg, tmp_path / "killed", progress=False)
+    resumed = toy.load_checkpoint(ckpt)
+    assert resumed["step"] == 20
+    for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(straight["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]  # no duplicated lines after the resume
+
+    with pytest.raises(ValueError, match="different configuration"):
+        toy.train_one(toy.ToyConfig(problem="reflection", model="open", lr=0.5), tmp_path / "killed",
+                      progress=False)
