@@ -4,9 +4,11 @@ import json
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from train import toy
+from train.checkpoint import Checkpointer
 
 X64 = False  # train as users do, in float32
 
@@ -85,34 +87,45 @@ def test_config_errors():
         toy.ToyConfig(dt=-0.1)
 
 
+def _final_params(workdir, name):
+    ckpt = Checkpointer(workdir / "checkpoints" / name)
+    step = ckpt.latest_step()
+    task = toy.ToyTask(toy.ToyConfig(problem="reflection", model="open"))
+    params = task.init(jax.random.key(0))
+    opt_state = optax.adam(1e-2).init(params)
+    state = ckpt.restore({"params": params, "opt_state": opt_state, "step": np.asarray(0),
+                          "train_time": np.asarray(0.0)})
+    ckpt.close()
+    return step, state["params"]
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     cfg = toy.ToyConfig(problem="reflection", model="open", steps=20, checkpoint_every=5,
                         log_every=5, solver="rk4", dt=0.25)
     toy.train_one(cfg, tmp_path / "straight", progress=False)
-    straight = toy.load_checkpoint(tmp_path / "straight" / "checkpoints" / "reflection_open.pkl")
+    _, straight = _final_params(tmp_path / "straight", "reflection_open")
 
     # Kill the run right after its second checkpoint (step 10).
-    real_save, saves = toy.save_checkpoint, []
+    real_save, saves = Checkpointer.save, []
 
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
+    def save_then_die(self, step, state):
+        real_save(self, step, state)
+        saves.append(step)
         if len(saves) == 2:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(toy, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         toy.train_one(cfg, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(toy, "save_checkpoint", real_save)
-    ckpt = tmp_path / "killed" / "checkpoints" / "reflection_open.pkl"
-    assert toy.load_checkpoint(ckpt)["step"] == 10
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert _final_params(tmp_path / "killed", "reflection_open")[0] == 10
     toy.train_one(cfg, tmp_path / "killed", progress=False)
-    resumed = toy.load_checkpoint(ckpt)
-    assert resumed["step"] == 20
-    for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(straight["params"])):
+    step, resumed = _final_params(tmp_path / "killed", "reflection_open")
+    assert step == 20
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [5, 10, 15, 20]  # no duplicated lines after the resume
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10, 15, 20]  # no duplicates
 
     with pytest.raises(ValueError, match="different configuration"):
         toy.train_one(toy.ToyConfig(problem="reflection", model="open", lr=0.5), tmp_path / "killed",

@@ -37,10 +37,14 @@ from ncode_jax.models import FlowClassifier
 from ncode_jax.solve import ADJOINTS
 from ncode_jax.solvers import SOLVERS
 
-from .utils import MetricsWriter, load_checkpoint, read_jsonl, save_checkpoint
+from .checkpoint import Checkpointer, check_run_config
+from .utils import MetricsWriter, read_jsonl
 
 PROBLEMS = ("reflection", "annuli")
 MODELS = ("node", "anode", "open", "closed")
+# Settings that may change between a run and its resume: training then continues to the new
+# ``steps``; everything else must match the checkpoint.
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
@@ -141,22 +145,18 @@ def train_one(cfg: ToyConfig, workdir: Path, *, progress: bool = True) -> dict:
     """Train one (problem, model) pair, resuming from its checkpoint; returns its summary."""
     task = ToyTask(cfg)
     name = _run_name(cfg)
-    ckpt_path = workdir / "checkpoints" / f"{name}.pkl"
+    check_run_config(workdir / "checkpoints" / f"{name}.config.json", dataclasses.asdict(cfg),
+                     ignore=RESUMABLE_CHANGES)
+    ckpt = Checkpointer(workdir / "checkpoints" / name)
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     opt = optax.adam(cfg.lr)
 
-    state = load_checkpoint(ckpt_path)
-    if state is not None and _identity(state["config"]) != _identity(dataclasses.asdict(cfg)):
-        raise ValueError(
-            f"{ckpt_path} was written with a different configuration "
-            f"({_diff(_identity(state['config']), _identity(dataclasses.asdict(cfg)))}); use "
-            "another --workdir or delete that checkpoint to start over"
-        )
-    if state is None:
-        params = task.init(jax.random.key(cfg.seed))
-        state = {"params": params, "opt_state": opt.init(params), "step": 0,
-                 "train_time": 0.0, "config": dataclasses.asdict(cfg)}
-    start = state["step"]
+    params = task.init(jax.random.key(cfg.seed))
+    state = {"params": params, "opt_state": opt.init(params), "step": np.asarray(0),
+             "train_time": np.asarray(0.0)}
+    restored = ckpt.restore(state)
+    state = state if restored is None else restored
+    start = int(state["step"])
     _drop_metrics_after(workdir / "metrics.jsonl", name, start)
 
     @jax.jit
@@ -168,7 +168,7 @@ def train_one(cfg: ToyConfig, workdir: Path, *, progress: bool = True) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss, metric, nfe
 
     params, opt_state = state["params"], state["opt_state"]
-    train_time = state["train_time"]
+    train_time = float(state["train_time"])
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{name:18s}",
                disable=not progress, leave=True, file=sys.stderr, dynamic_ncols=True)
     t_last = time.perf_counter()
@@ -187,9 +187,10 @@ def train_one(cfg: ToyConfig, workdir: Path, *, progress: bool = True) -> dict:
                           **{f"train_{task.metric_name}": metric}, nfe=nfe,
                           train_time=round(train_time, 3))
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt_path, {"params": params, "opt_state": opt_state, "step": done,
-                                        "train_time": train_time, "config": dataclasses.asdict(cfg)})
+            ckpt.save(done, {"params": params, "opt_state": opt_state, "step": np.asarray(done),
+                             "train_time": np.asarray(train_time)})
     bar.close()
+    ckpt.close()
 
     eval_fn = jax.jit(task.loss_and_metric)
     test_loss, (test_metric, test_nfe) = eval_fn(params, *task.test)
@@ -226,17 +227,6 @@ def _drop_metrics_after(path: Path, name: str, step: int) -> None:
     keep = [r for r in rows if f"{r.get('problem')}_{r.get('model')}" != name or r["step"] <= step]
     if len(keep) != len(rows):
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _identity(config: dict) -> dict:
-    """The settings a checkpoint must agree on to be resumed (the step budget and logging
-    cadence may change: training then continues to the new ``steps``)."""
-    return {k: v for k, v in config.items() if k not in ("steps", "log_every", "checkpoint_every")}
-
-
-def _diff(a: dict, b: dict) -> str:
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                     if a.get(k) != b.get(k))
 
 
 def results_table(summaries: list[dict]) -> str:
