@@ -1,5 +1,22 @@
-"""Datasets. Toy problems of the paper's section 5.1 live in :mod:`ncode_jax.data.toy`."""
+"""Datasets: the paper's toy problems (:mod:`.toy`) and image sets (:mod:`.images`)."""
 
+from .images import (
+    Batch,
+    BatchIterator,
+    Dataset,
+    DatasetNotPreparedError,
+    load_dataset,
+    make_dataset,
+)
 from .toy import annuli, reflection
 
-__all__ = ["annuli", "reflection"]
+__all__ = [
+    "Batch",
+    "BatchIterator",
+    "Dataset",
+    "DatasetNotPreparedError",
+    "annuli",
+    "load_dataset",
+    "make_dataset",
+    "reflection",
+]
