@@ -11,7 +11,6 @@ Each controller is a frozen, hashable description with ``init(key) -> params`` a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -102,8 +101,3 @@ class Feedback:
         flat = x.reshape(b, -1)
         tt = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b, 1))
         return mlp_apply(params["mlp"], jnp.concatenate([theta, flat, tt], axis=-1), self.act)
-
-
-def num_inputs(shape: tuple[int, ...]) -> int:
-    """Entries per sample of a state with per-sample ``shape``."""
-    return math.prod(shape)

@@ -7,7 +7,7 @@ plain PyTrees so that they pass through diffrax ``args`` and optax untouched.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

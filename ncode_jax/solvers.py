@@ -7,8 +7,9 @@ embedded error estimate and is fixed-step only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import diffrax
 import numpy as np
