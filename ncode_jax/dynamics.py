@@ -14,8 +14,9 @@ Everything differentiable travels in ``args`` (a dict with keys ``theta``, ``fee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array

@@ -14,8 +14,8 @@ different fields is still one XLA computation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float

@@ -52,7 +52,7 @@ class NCODE:
         hidden: tuple[int, ...] = (32,),
         feedback_hidden: tuple[int, ...] = (32,),
         running_cost: RunningCost | None = None,
-    ) -> "NCODE":
+    ) -> NCODE:
         """One of ``node``, ``anode``, ``open``, ``closed`` (static θ(0) + feedback, as in the
         paper's fig. 3) or ``open_closed`` (γ(x(0)) + feedback). ``data_shape`` is one input
         sample's shape before augmentation."""
@@ -86,7 +86,7 @@ class NCODE:
     def dynamics(self) -> Dynamics:
         return Dynamics(self.field, self.feedback, self.running_cost)
 
-    def with_running_cost(self, running_cost: RunningCost | None) -> "NCODE":
+    def with_running_cost(self, running_cost: RunningCost | None) -> NCODE:
         return replace(self, running_cost=running_cost)
 
     def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict:
