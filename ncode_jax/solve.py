@@ -16,6 +16,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from .dynamics import Dynamics, State
@@ -54,7 +55,8 @@ def _adjoint(name: str) -> diffrax.AbstractAdjoint:
 
 
 def _is_static_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A Python or NumPy real scalar (not a traced JAX value, not a bool)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 def _check_finite(a: Array, what: str) -> Array:
@@ -126,8 +128,15 @@ def solve(
             f"solver {solver!r} has no error estimate, so it cannot choose its own steps: "
             "pass a fixed step size dt=..."
         )
-    if dt is not None and (not _is_static_number(dt) or dt <= 0):
-        raise ValueError(f"dt must be a positive number, got {dt!r}")
+    if dt is not None:
+        if not _is_static_number(dt):
+            raise TypeError(
+                f"dt must be a Python or NumPy number (it fixes the step count at trace time), "
+                f"got {type(dt).__name__} {dt!r}"
+            )
+        if not dt > 0:
+            raise ValueError(f"dt must be positive, got {dt!r}")
+        dt = float(dt)
     if _is_static_number(t0) and _is_static_number(t1) and not t1 > t0:
         raise ValueError(f"need t1 > t0, got t0={t0}, t1={t1}")
     if max_steps is None:
@@ -166,12 +175,16 @@ def solve(
         )
         ys: State = sol.ys if ts is not None else jax.tree.map(lambda a: a[0], sol.ys)
         if throw:
+            advice = (
+                f"use a larger dt (now {dt}; {max_steps} steps cover {max_steps * dt:g} time units)"
+                if dt is not None
+                else f"loosen rtol/atol (now {rtol}/{atol}) or check the dynamics for stiffness/blow-up"
+            )
             ys = eqx.error_if(
                 ys,
                 sol.result == diffrax.RESULTS.max_steps_reached,
                 f"ncode_jax.solve: the {solver} solver used all max_steps={max_steps} steps "
-                f"before reaching t1; raise it with solve(..., max_steps=N), loosen rtol/atol "
-                f"(now {rtol}/{atol}) or check the dynamics for stiffness/blow-up",
+                f"before reaching t1; raise it with solve(..., max_steps=N) or {advice}",
             )
             ys = eqx.error_if(
                 ys,
