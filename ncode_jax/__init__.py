@@ -5,6 +5,7 @@ dθ/dt = g(θ, x, t)) by a controller, solved with diffrax and differentiated by
 """
 
 from .control import Feedback, Hypernetwork, StaticInit, augment
+from .conv import ConvBlockField
 from .dynamics import Dynamics, State
 from .fields import LinearField, MLPField, SparseLinearField, VectorField, dense
 from .layout import ParamLayout, ParamSpec
@@ -19,6 +20,7 @@ __all__ = [
     "NCODE",
     "RK4",
     "SOLVERS",
+    "ConvBlockField",
     "Dynamics",
     "Feedback",
     "Hypernetwork",

@@ -55,6 +55,7 @@ def check_run_config(path: str | os.PathLike, config: dict, *, ignore: tuple[str
     """Record ``config`` as JSON at ``path`` on first use; on later runs raise if the settings
     (other than those in ``ignore``) differ, so a resume never mixes two experiments."""
     path = Path(path)
+    config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
     current = {k: v for k, v in config.items() if k not in ignore}
     if path.exists():
         saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in ignore}

@@ -1,0 +1,146 @@
+"""Conv-block vector field: shared kernels vs per-sample kernels (DESIGN.md fact 3).
+
+Forward + backward (gradient w.r.t. the state x and θ) of the paper's conv block
+(1×1 C→h, ReLU, 3×3 h→h, ReLU, 1×1 h→C) on a float32 NHWC batch, for
+
+* ``shared``       — θ ``(P,)``, ``ConvBlockField`` fast path (convolutions + matmul kernel grad);
+* ``shared_lax``   — θ ``(P,)``, plain ``lax.conv`` + autodiff (``impl="reference"``);
+* ``per_sample``   — θ ``(B, P)``, ``ConvBlockField`` fast path (image-by-image ``lax.map``);
+* ``naive``        — θ ``(B, P)``, ``vmap(lax.conv)`` + autodiff (``impl="reference"``).
+
+Every rate uses the SAME analytic FLOP count: 3 × the forward multiply-adds ×2 of the shared
+block (all 9 taps everywhere, biases/activations ignored; XLA's cost analysis of the
+``shared_lax`` program is printed beside it). The fast variants are timed in interleaved rounds
+and ratios are taken within a round; the naive one (tens of seconds per call) once. A square
+f32 matmul gives the machine's peak for context. Writes ``benchmarks/results/conv_block.json``.
+
+    python -m benchmarks.conv_block [--batch 64] [--size 28] [--channels 11] [--hidden 50]
+                                    [--repeats 10] [--rounds 3] [--naive-repeats 1] [--skip-naive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ncode_jax import ConvBlockField
+
+from .common import time_fn, write_results
+
+FAST = ("shared", "shared_lax", "per_sample")
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
+    """Median f32 GFLOP/s of an ``n×n @ n×n`` matmul (XLA's own GEMM, all cores)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    t = time_fn(jax.jit(lambda a: a @ a), a, repeats=repeats)
+    return {"n": n, **t, "gflops": round(2 * n**3 / t["median_ms"] / 1e6, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=28, help="image height = width")
+    p.add_argument("--channels", type=int, default=11)
+    p.add_argument("--hidden", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (fast variants)")
+    p.add_argument("--naive-repeats", type=int, default=1)
+    p.add_argument("--skip-naive", action="store_true", help="skip the slow vmap(conv) baseline")
+    args = p.parse_args(argv)
+    jax.config.update("jax_enable_x64", False)
+
+    b, s = args.batch, args.size
+    fast = ConvBlockField(args.channels, s, s, args.hidden)
+    ref = ConvBlockField(args.channels, s, s, args.hidden, impl="reference")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((b, s, s, args.channels)), jnp.float32)
+    theta = fast.layout.init(jax.random.key(0))
+    # per-sample θ: the shared one plus a per-sample perturbation of 10% of each weight's init std
+    noise = jnp.asarray(rng.standard_normal((b, fast.num_params)), jnp.float32)
+    theta_b = theta + 0.1 * fast.layout.init_std() * noise
+
+    def fwd_bwd(field):
+        def loss(x, th):
+            return 0.5 * jnp.sum(field(0.0, x, th) ** 2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    variants = {
+        "shared": (fwd_bwd(fast), theta),
+        "shared_lax": (fwd_bwd(ref), theta),
+        "per_sample": (fwd_bwd(fast), theta_b),
+        "naive": (fwd_bwd(ref), theta_b),
+    }
+    flops = 3 * fast.flops(b)
+    xla_flops = variants["shared_lax"][0].lower(x, theta).compile().cost_analysis().get("flops")
+    print(f"conv block {args.channels}->{args.hidden}->{args.hidden}->{args.channels}, batch {b}, "
+          f"{s}x{s}, f32, forward+backward (grad x, theta): analytic {flops / 1e9:.3f} GFLOP "
+          f"(XLA cost analysis of shared_lax: {xla_flops / 1e9:.3f})", flush=True)
+
+    peak_before = matmul_peak()
+    print(f"f32 matmul 2048^3: {peak_before['gflops']:.1f} GFLOP/s", flush=True)
+
+    rounds = {k: [] for k in FAST}
+    compile_s = {}
+    per_round_ratio = {"per_sample/shared": [], "per_sample/shared_lax": []}
+    for r in range(args.rounds):
+        for name in FAST:
+            fn, th = variants[name]
+            t = time_fn(fn, x, th, repeats=args.repeats)
+            compile_s.setdefault(name, t["compile_s"])
+            rounds[name].append(t)
+        med = {k: rounds[k][-1]["median_ms"] for k in FAST}
+        per_round_ratio["per_sample/shared"].append(med["shared"] / med["per_sample"])
+        per_round_ratio["per_sample/shared_lax"].append(med["shared_lax"] / med["per_sample"])
+        print(f"round {r + 1}: " + "  ".join(f"{k} {v:.1f} ms" for k, v in med.items()), flush=True)
+
+    peak_after = matmul_peak()
+    peak = max(peak_before["gflops"], peak_after["gflops"])
+
+    results = {}
+    for name in FAST:
+        ms = statistics.median(t["median_ms"] for t in rounds[name])
+        results[name] = {"median_ms": round(ms, 2), "min_ms": min(t["min_ms"] for t in rounds[name]),
+                         "compile_s": compile_s[name],
+                         "round_medians_ms": [t["median_ms"] for t in rounds[name]],
+                         "gflops": round(flops / ms / 1e6, 2)}
+    if not args.skip_naive:
+        fn, th = variants["naive"]
+        t = time_fn(fn, x, th, repeats=args.naive_repeats)
+        results["naive"] = {**t, "gflops": round(flops / t["median_ms"] / 1e6, 3)}
+
+    # rate ratios (= inverse time ratios); the per-round medians pair runs made close in time
+    ratios = {k: round(statistics.median(v), 3) for k, v in per_round_ratio.items()}
+    if "naive" in results:
+        ratios["naive/shared"] = round(results["naive"]["gflops"] / results["shared"]["gflops"], 4)
+        ratios["per_sample/naive"] = round(results["per_sample"]["gflops"] / results["naive"]["gflops"], 1)
+
+    print(f"\n{'variant':12s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
+    for name, r in results.items():
+        print(f"{name:12s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%")
+    print(f"matmul peak (f32 2048^3, max of before/after): {peak:.1f} GFLOP/s")
+    for k, v in ratios.items():
+        print(f"rate ratio {k}: {v}")
+
+    out = write_results("conv_block", {
+        "settings": {"batch": b, "size": s, "channels": args.channels, "hidden": args.hidden,
+                     "dtype": "float32", "repeats": args.repeats, "rounds": args.rounds,
+                     "naive_repeats": args.naive_repeats},
+        "flops_fwd_bwd_analytic": flops,
+        "flops_fwd_bwd_xla_shared_lax": xla_flops,
+        "flop_count_note": "rates use the analytic count 3*2*B*H*W*(C*h + 9*h*h + h*C) for every variant",
+        "matmul_peak": {"before": peak_before, "after": peak_after, "gflops": peak},
+        "results": results,
+        "ratios": ratios,
+        "per_round_ratios": {k: [round(v, 3) for v in vs] for k, vs in per_round_ratio.items()},
+    })
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Image classification pipeline (paper sec. 5.2): models, train step, resume, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ncode_jax.models.image import IMAGE_KINDS, image_classifier
+from train import classify
+from train.checkpoint import Checkpointer
+
+X64 = False
+
+TINY = dict(dataset="digits", epochs=1, batch_size=32, eval_batch_size=128, hidden=4, augment=2,
+            solver="euler", dt=0.5, log_every=1, checkpoint_every=3, train_examples=192)
+
+
+def tiny_config(**kw):
+    return classify.ClassifyConfig.from_dict({**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    from ncode_jax.data import load_dataset
+
+    ds = load_dataset("digits", "train", normalize=True)
+    return ds.images[:32], ds.labels[:32]
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_loss_decreases_on_fixed_batch(kind, digits_batch):
+    images, labels = digits_batch
+    cfg = tiny_config(model=kind)
+    model = classify.build_model(cfg, images.shape[1:], 10)
+    opt = optax.adam(1e-2)
+    train_step, _ = classify.make_steps(model, cfg, opt)
+    params = model.init(jax.random.key(0))
+    opt_state = opt.init(params)
+    losses = []
+    for _ in range(8):
+        params, opt_state, loss, acc, nfe = train_step(params, opt_state, images, labels)
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert int(nfe) == 2  # euler, dt=0.5 on [0, 1]
+    # the second and later calls reuse the compiled step
+    assert train_step._cache_size() == 1
+
+
+def test_models_have_expected_structure():
+    node = image_classifier("node", (28, 28, 1), hidden=50, augment=10)
+    anode = image_classifier("anode", (28, 28, 1), hidden=50, augment=10)
+    open_ = image_classifier("open", (28, 28, 1), hidden=50, augment=10)
+    assert node.flow.field.state_shape == (28, 28, 1)
+    assert anode.flow.field.state_shape == (28, 28, 11)
+    assert open_.flow.initial.hidden == (10,)  # γ: 2-layer MLP with 10 hidden units (paper)
+    # 1x1 (11->50) + 3x3 (50->50) + 1x1 (50->11), with biases
+    assert open_.flow.field.layout.size == 11 * 50 + 50 + 9 * 50 * 50 + 50 + 50 * 11 + 11
+
+
+def test_train_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    cfg = tiny_config(model="open", epochs=2)
+    straight = classify.train_and_evaluate(cfg, tmp_path / "a", progress=False)
+    assert straight["steps"] == 12 and 0 <= straight["test_accuracy"] <= 1
+
+    real_save, saves = Checkpointer.save, []
+
+    def save_then_die(self, step, state):
+        real_save(self, step, state)
+        saves.append(step)
+        if step == 6:  # end of epoch 1 (6 steps of 32 out of 192 examples)
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        classify.train_and_evaluate(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert saves == [3, 6]
+    resumed = classify.train_and_evaluate(cfg, tmp_path / "b", progress=False)
+    assert resumed["steps"] == 12
+    assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-5)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
+
+
+def test_cli_all_models_on_mock_tfds_mnist(tmp_path, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=64):
+        rc = classify.main(["--config", "train/configs/mnist5k_cpu.py", "--workdir", str(tmp_path),
+                            "--set", "dataset=mnist", "--set", "model=node,open", "--set", "hidden=4",
+                            "--set", "augment=1", "--set", "epochs=1", "--set", "batch_size=32",
+                            "--set", "solver=euler", "--set", "dt=1.0", "--set", "eval_batch_size=64",
+                            "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| NODE |" in out and "| N-CODE open |" in out
+    for name in ["summary.json", "results.md", "curves.png", "node/metrics.jsonl", "open/summary.json"]:
+        assert (tmp_path / name).exists(), name
+
+
+def test_bad_input_errors(digits_batch):
+    images, labels = digits_batch
+    cfg = tiny_config(model="open")
+    model = classify.build_model(cfg, images.shape[1:], 10)
+    params = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="shape"):
+        model(params, jnp.zeros((4, 10, 10, 1)), **cfg.solve_options)  # wrong image size
+    with pytest.raises(ValueError, match="shape"):
+        model(params, jnp.zeros((4, 8, 8, 3)), **cfg.solve_options)  # wrong channel count
+    bad = np.array(images[:4])
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(Exception, match="NaN"):
+        jax.block_until_ready(jax.jit(lambda p, x: model(p, x, **cfg.solve_options)[0])(params, bad))
+    with pytest.raises(ValueError, match="unknown model"):
+        tiny_config(model="resnet")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        tiny_config(dataset="imagenet")
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_config(lr=-1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_config(dt=2.0)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    rc = classify.main(["--config", "train/configs/mnist5k_cpu.py", "--workdir", str(tmp_path),
+                        "--set", "epochs=0"])
+    assert rc == 2 and "epochs=0 is out of range" in capsys.readouterr().err
+    rc = classify.main(["--config", "train/configs/mnist5k_cpu.py", "--workdir", str(tmp_path),
+                        "--set", "nosuchkey=1"])
+    assert rc == 2 and "unknown config key" in capsys.readouterr().err

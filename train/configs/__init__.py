@@ -1,0 +1,1 @@
+"""Experiment configurations: each module defines ``get_config() -> dict``."""
