@@ -61,7 +61,9 @@ def test_models_have_expected_structure():
 
 
 def test_train_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    cfg = tiny_config(model="open", epochs=2)
+    # with every source of step-dependence on: shifted images, lr schedule, weight decay, pooling
+    cfg = tiny_config(model="open", epochs=2, random_shift=1, lr_schedule="cosine", warmup_steps=2,
+                      weight_decay=1e-4, pool=2)
     straight = classify.train_and_evaluate(cfg, tmp_path / "a", progress=False)
     assert straight["steps"] == 12 and 0 <= straight["test_accuracy"] <= 1
 
@@ -132,3 +134,36 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     rc = classify.main(["--config", "train/configs/mnist5k_cpu.py", "--workdir", str(tmp_path),
                         "--set", "nosuchkey=1"])
     assert rc == 2 and "unknown config key" in capsys.readouterr().err
+    # keys the file leaves out take the ClassifyConfig defaults and can still be overridden
+    rc = classify.main(["--config", "train/configs/mnist5k_cpu.py", "--workdir", str(tmp_path),
+                        "--set", "pool=0"])
+    assert rc == 2 and "pool=0 is out of range" in capsys.readouterr().err
+    rc = classify.main(["--config", "train/configs/mnist5k_cpu.py", "--workdir", str(tmp_path),
+                        "--set", "lr_schedule=step"])
+    assert rc == 2 and "unknown lr_schedule 'step'" in capsys.readouterr().err
+
+
+def test_pooled_readout_is_linear_in_the_average_pooled_state():
+    model = image_classifier("anode", (8, 8, 1), hidden=4, augment=2, pool=2)
+    assert model.features == 4 * 4 * 3
+    params = model.init(jax.random.key(0))
+    xT = jax.random.normal(jax.random.key(1), (5, 8, 8, 3))
+    pooled = np.asarray(xT).reshape(5, 4, 2, 4, 2, 3).mean(axis=(2, 4)).reshape(5, -1)
+    want = pooled @ np.asarray(params["head"]["w"]) + np.asarray(params["head"]["b"])
+    np.testing.assert_allclose(model.readout(params, xT), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible"):
+        image_classifier("anode", (8, 8, 1), hidden=4, augment=2, pool=3)
+
+
+def test_make_optimizer_schedule_and_weight_decay():
+    cfg = tiny_config(lr=0.1, lr_schedule="cosine", warmup_steps=10, weight_decay=0.5)
+    opt = classify.make_optimizer(cfg, total_steps=100)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    zero = {"w": jnp.zeros(3)}
+    updates, state = opt.update(zero, state, params)  # step 0 of the warm-up: lr 0
+    np.testing.assert_allclose(updates["w"], 0.0)
+    for _ in range(10):
+        updates, state = opt.update(zero, state, params)
+    # at the peak, a zero gradient leaves only the decoupled decay: -lr * wd * w
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones(3), rtol=1e-3)

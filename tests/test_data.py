@@ -396,3 +396,26 @@ def test_tfds_wrong_file_format_is_explained(prepared_mnist, tmp_path):
 
 def test_known_datasets():
     assert set(KNOWN_DATASETS) == {"mnist5k", "digits", "mnist", "cifar10", "celeb_a"}
+
+
+def test_random_shift_translates_each_image_and_replays_from_the_seed():
+    from ncode_jax.data.augment import random_shift
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(16, 6, 7, 2)).astype(np.float32)
+    out = random_shift(images, 1, np.random.default_rng(3))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    np.testing.assert_array_equal(out, random_shift(images, 1, np.random.default_rng(3)))
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    moved = 0
+    for i in range(16):  # each output is one of the 9 edge-padded translations of its own input
+        crops = [padded[i, a : a + 6, b : b + 7] for a in range(3) for b in range(3)]
+        match = [k for k, c in enumerate(crops) if np.array_equal(c, out[i])]
+        assert match, i
+        moved += match[0] != 4
+    assert moved > 8  # 8 of 9 offsets move the image
+    np.testing.assert_array_equal(random_shift(images, 0, np.random.default_rng(0)), images)
+    with pytest.raises(ValueError, match="max_shift"):
+        random_shift(images, 6, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="NHWC"):
+        random_shift(images[0], 1, np.random.default_rng(0))

@@ -28,16 +28,18 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ncode_jax.data.augment import random_shift
 from ncode_jax.data.images import KNOWN_DATASETS, BatchIterator, load_dataset
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 from ncode_jax.solve import ADJOINTS
 from ncode_jax.solvers import SOLVERS
 
 from .checkpoint import Checkpointer, check_run_config
-from .config import apply_overrides, load_config_file
+from .config import apply_overrides, check_choice, check_dt, check_range, load_config_file
 from .utils import MetricsWriter, read_jsonl
 
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
+LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_CHANGES = ("epochs", "log_every", "checkpoint_every", "eval_batch_size")
 
 
@@ -51,6 +53,11 @@ class ClassifyConfig:
     batch_size: int = 64
     eval_batch_size: int = 250
     lr: float = 3e-3
+    lr_schedule: str = "constant"  # or "cosine": linear warm-up, then cosine decay to 0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # decoupled (AdamW) when > 0
+    random_shift: int = 0  # train-time augmentation: shift images by up to this many pixels
+    pool: int = 1  # average-pool x(T) over pool x pool windows before the linear read-out
     hidden: int = 16
     augment: int = 5
     gamma_hidden: tuple[int, ...] = (10,)
@@ -70,25 +77,16 @@ class ClassifyConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self):
-        if self.dataset not in KNOWN_DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {list(KNOWN_DATASETS)}")
-        if self.model not in IMAGE_KINDS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {list(IMAGE_KINDS)}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
-        if self.adjoint not in ADJOINTS:
-            raise ValueError(f"unknown adjoint {self.adjoint!r}; choose one of {list(ADJOINTS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "hidden", "log_every",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config value {name}={getattr(self, name)} is out of range: must be >= 1")
-        if self.augment < 0:
-            raise ValueError(f"config value augment={self.augment} is out of range: must be >= 0")
-        for name in ("lr", "t1", "rtol", "atol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"config value {name}={getattr(self, name)} is out of range: must be > 0")
-        if self.dt is not None and not 0 < self.dt <= self.t1:
-            raise ValueError(f"config value dt={self.dt} is out of range: need 0 < dt <= t1 (or None)")
+        check_choice("dataset", self.dataset, KNOWN_DATASETS)
+        check_choice("model", self.model, IMAGE_KINDS)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("adjoint", self.adjoint, ADJOINTS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range(self, ("epochs", "batch_size", "eval_batch_size", "hidden", "log_every",
+                           "checkpoint_every", "pool"), minimum=1)
+        check_range(self, ("augment", "random_shift", "weight_decay", "warmup_steps"), minimum=0)
+        check_range(self, ("lr", "t1", "rtol", "atol"), minimum=0, strict=True)
+        check_dt(self.dt, self.t1)
         if self.train_examples is not None and self.train_examples < self.batch_size:
             raise ValueError(f"train_examples={self.train_examples} is smaller than batch_size")
 
@@ -122,7 +120,18 @@ def load_data(cfg: ClassifyConfig):
 def build_model(cfg: ClassifyConfig, image_shape, num_classes):
     return image_classifier(cfg.model, tuple(image_shape), num_classes, hidden=cfg.hidden,
                             augment=cfg.augment, gamma_hidden=cfg.gamma_hidden,
-                            feedback_hidden=cfg.feedback_hidden, act=cfg.act)
+                            feedback_hidden=cfg.feedback_hidden, act=cfg.act, pool=cfg.pool)
+
+
+def make_optimizer(cfg: ClassifyConfig, total_steps: int) -> optax.GradientTransformation:
+    """Adam (AdamW with ``weight_decay > 0``) at a constant or warm-up + cosine learning rate."""
+    lr = cfg.lr
+    if cfg.lr_schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, total_steps - 1),
+                                                max(total_steps, 1))
+    if cfg.weight_decay > 0:
+        return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    return optax.adam(lr)
 
 
 def make_steps(model, cfg: ClassifyConfig, optimizer):
@@ -171,11 +180,11 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
     check_run_config(workdir / "config.json", asdict(cfg), ignore=RESUMABLE_CHANGES)
     train, test = load_data(cfg)
     model = build_model(cfg, train.image_shape, train.num_classes)
-    optimizer = optax.adam(cfg.lr)
-    train_step, eval_step = make_steps(model, cfg, optimizer)
     it = BatchIterator(train, cfg.batch_size, seed=cfg.seed, shuffle=True, drop_remainder=True)
     steps_per_epoch = train.num_examples // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(cfg, total_steps)
+    train_step, eval_step = make_steps(model, cfg, optimizer)
 
     params = model.init(jax.random.key(cfg.seed))
     state = {"params": params, "opt_state": optimizer.init(params), "step": np.asarray(0),
@@ -206,7 +215,10 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
     last_eval = None
     while step < total_steps:
         batch = next(it)
-        params, opt_state, loss, acc, nfe = train_step(params, opt_state, batch.images, batch.labels)
+        images = batch.images
+        if cfg.random_shift:  # a pure function of (seed, step): resuming replays the same shifts
+            images = random_shift(images, cfg.random_shift, np.random.default_rng((cfg.seed, step)))
+        params, opt_state, loss, acc, nfe = train_step(params, opt_state, images, batch.labels)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -291,7 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        raw = apply_overrides(load_config_file(args.config), args.set)
+        raw = {**asdict(ClassifyConfig()), **load_config_file(args.config)}  # file keys over defaults
+        raw = apply_overrides(raw, args.set)
         models = list(IMAGE_KINDS) if raw["model"] == "all" else raw["model"].split(",")
         configs = [ClassifyConfig.from_dict({**raw, "model": m}) for m in models]
     except (ValueError, FileNotFoundError) as e:

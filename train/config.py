@@ -61,3 +61,28 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             raise ValueError(f"unknown config key {key!r}; known keys: {sorted(config)}")
         config[key] = _parse(value, config[key], key)
     return config
+
+
+# --- validation shared by the config dataclasses (ToyConfig, ClassifyConfig, ...) ----------------
+
+
+def check_choice(what: str, value: Any, choices) -> None:
+    """``ValueError`` naming ``what`` and the valid choices unless ``value in choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {sorted(choices)}")
+
+
+def check_range(config: Any, names, *, minimum: float, strict: bool = False) -> None:
+    """``ValueError`` unless each named field of ``config`` is ``>= minimum`` (``>`` if ``strict``)."""
+    for name in names:
+        value = getattr(config, name)
+        ok = value > minimum if strict else value >= minimum
+        if not ok:
+            bound = f"> {minimum}" if strict else f">= {minimum}"
+            raise ValueError(f"config value {name}={value} is out of range: must be {bound}")
+
+
+def check_dt(dt: float | None, t1: float) -> None:
+    """A fixed step must satisfy ``0 < dt <= t1``; ``None`` selects adaptive stepping."""
+    if dt is not None and not 0 < dt <= t1:
+        raise ValueError(f"config value dt={dt} is out of range: need 0 < dt <= t1={t1} (or None)")

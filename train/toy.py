@@ -38,6 +38,7 @@ from ncode_jax.solve import ADJOINTS
 from ncode_jax.solvers import SOLVERS
 
 from .checkpoint import Checkpointer, check_run_config
+from .config import check_choice, check_dt, check_range
 from .utils import MetricsWriter, read_jsonl
 
 PROBLEMS = ("reflection", "annuli")
@@ -72,24 +73,14 @@ class ToyConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self):
-        if self.problem not in PROBLEMS:
-            raise ValueError(f"unknown problem {self.problem!r}; choose one of {list(PROBLEMS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {list(MODELS)}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
-        if self.adjoint not in ADJOINTS:
-            raise ValueError(f"unknown adjoint {self.adjoint!r}; choose one of {list(ADJOINTS)}")
-        for name in ("steps", "hidden", "control_hidden", "n_train", "n_test", "log_every",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.augment < 1:
-            raise ValueError(f"augment must be >= 1 (ANODE needs extra dimensions), got {self.augment}")
-        if not (self.lr > 0 and self.t1 > 0):
-            raise ValueError(f"lr and t1 must be positive, got lr={self.lr}, t1={self.t1}")
-        if self.dt is not None and not self.dt > 0:
-            raise ValueError(f"dt must be positive or None (adaptive), got {self.dt}")
+        check_choice("problem", self.problem, PROBLEMS)
+        check_choice("model", self.model, MODELS)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("adjoint", self.adjoint, ADJOINTS)
+        check_range(self, ("steps", "hidden", "control_hidden", "n_train", "n_test", "log_every",
+                           "checkpoint_every", "augment"), minimum=1)  # ANODE needs augment >= 1
+        check_range(self, ("lr", "t1"), minimum=0, strict=True)
+        check_dt(self.dt, self.t1)
 
     @property
     def solve_options(self) -> dict:

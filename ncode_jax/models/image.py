@@ -26,8 +26,12 @@ def image_classifier(
     gamma_hidden: tuple[int, ...] = (10,),
     feedback_hidden: tuple[int, ...] = (10,),
     act: str = "relu",
+    pool: int = 1,
 ) -> FlowClassifier:
-    """Build a conv-block flow classifier for NHWC images of ``image_shape = (H, W, C)``."""
+    """Build a conv-block flow classifier for NHWC images of ``image_shape = (H, W, C)``.
+
+    ``pool`` average-pools ``x(T)`` over ``pool × pool`` windows before the linear read-out
+    (1 = the paper's read-out of the whole state)."""
     if kind not in IMAGE_KINDS:
         raise ValueError(f"unknown model {kind!r}; choose one of {list(IMAGE_KINDS)}")
     if len(image_shape) != 3 or min(image_shape) < 1:
@@ -39,4 +43,4 @@ def image_classifier(
     field = ConvBlockField(channels=c + extra, height=h, width=w, hidden=hidden, act=act)
     flow = NCODE.build(kind, field, tuple(image_shape), augment=extra, hidden=tuple(gamma_hidden),
                        feedback_hidden=tuple(feedback_hidden))
-    return FlowClassifier(flow, num_classes)
+    return FlowClassifier(flow, num_classes, pool=pool)
