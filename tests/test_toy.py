@@ -73,7 +73,7 @@ def test_cli_smoke(tmp_path, capsys):
 
 def test_cli_rejects_bad_options(tmp_path, capsys):
     assert toy.main(["--workdir", str(tmp_path), "--steps", "0"]) == 2
-    assert "steps must be >= 1" in capsys.readouterr().err
+    assert "steps=0 is out of range" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         toy.main(["--solver", "rk45"])  # argparse names the valid choices
 

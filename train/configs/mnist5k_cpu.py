@@ -1,13 +1,19 @@
 """N-CODE image classification on the embedded ``mnist5k`` set, sized for 2 CPU cores.
 
-Smaller than the paper: 16 hidden channels instead of 50, 5 augmented channels instead of 10,
-fixed-step rk4 with 4 steps on [0, 1] instead of an adaptive solver.
+Smaller than the paper: 16 hidden channels instead of 50 (the 10 augmented channels are the
+paper's), fixed-step rk4 with 4 steps on [0, 1] (16 evaluations) instead of an adaptive solver.
+With only 4,000 training images the paper's plain recipe overfits (92.8% held-out after 6 epochs,
+100% batch accuracy), so this config adds what a small-data run needs: random shifts of up to
+2 pixels, a linear read-out of x(T) average-pooled 2×2 (still linear in x(T), 4× fewer weights),
+batch 32, AdamW (weight decay 1e-4) with 100 warm-up steps and cosine decay over 10 epochs.
 
 Command::
 
     python -m train.classify --config train/configs/mnist5k_cpu.py --workdir runs/mnist5k --set model=open
 
-Expected: see the README's classification table (accuracy, NFE and wall time per model).
+Expected (N-CODE open, seed 0): 97.3% held-out accuracy, 16 NFE per solve; about 1,250 training
+steps at ~0.5 s each on 2 quiet cores (the README table has the measured wall times of all four
+models). ``--set model=all`` runs NODE, ANODE, N-CODE open and closed under the same budget.
 """
 
 
@@ -15,12 +21,17 @@ def get_config() -> dict:
     return dict(
         dataset="mnist5k",
         model="open",
-        epochs=6,
-        batch_size=64,
+        epochs=10,
+        batch_size=32,
         eval_batch_size=250,
         lr=3e-3,
+        lr_schedule="cosine",
+        warmup_steps=100,
+        weight_decay=1e-4,
+        random_shift=2,
+        pool=2,
         hidden=16,
-        augment=5,
+        augment=10,
         gamma_hidden=(10,),
         feedback_hidden=(10,),
         act="relu",
