@@ -84,8 +84,7 @@ def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
     sharded_step = dp.jit(step, batch_argnums=(1,))
     placed_batch = dp.shard_batch(*batch)
     sharded = sharded_step(dp.replicate(params), placed_batch)
-    jitted = next(iter(sharded_step.compiled.values()))
-    hlo = jitted.lower(dp.replicate(params), placed_batch).compile().as_text()
+    hlo = sharded_step.lower(dp.replicate(params), placed_batch).compile().as_text()
     sharded = jax.device_get(sharded)
 
     def rel(a, b):
@@ -95,6 +94,8 @@ def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
     return {"num_devices": dp.num_devices,
             "shards_per_batch": len(placed_batch[0].addressable_shards),
             "all_reduce_in_hlo": "all-reduce" in hlo,
+            "all_gather_shapes": sorted({line.split("=")[1].split("all-gather(")[0].strip()
+                                         for line in hlo.splitlines() if "all-gather(" in line}),
             "loss": float(single[0]), "loss_rel": rel(sharded[0], single[0]),
             "grads_rel": rel(sharded[1], single[1]), "params_rel": rel(sharded[2], single[2]),
             "dtype": str(jax.tree.leaves(single[1])[0].dtype)}

@@ -5,7 +5,9 @@ is **sharded** along its first axis over a one-axis mesh ``('data',)``. A step i
 ``jax.jit`` with those in/out shardings (:meth:`DataParallel.jit`): XLA inserts the gradient
 all-reduce, so the loss, gradients and updated parameters are those of the single-device step on
 the same global batch (up to floating-point summation order). ``jit`` + shardings is used rather
-than ``shard_map``, which fails around a diffrax solve with the checkpoint adjoint.
+than ``shard_map``, which fails around a diffrax solve with the checkpoint adjoint; the step is
+traced under ``jax.set_mesh(mesh)`` so that loops over the batch inside the model (per-sample
+convolution kernels) run per device (:mod:`ncode_jax.sharding`) instead of being all-gathered.
 
 Multi-host (several processes, e.g. one per machine): call :func:`initialize_distributed` (driven
 by the ``--coordinator-address/--num-processes/--process-id`` flags of :func:`add_distributed_flags`
@@ -39,7 +41,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
+from ncode_jax.sharding import BATCH_AXIS as AXIS
+
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 
@@ -228,8 +231,7 @@ class DataParallel:
         batch_argnums = frozenset(batch_argnums)
         compiled: dict[int, Callable] = {}
 
-        def step(*args):
-            n = len(args)
+        def jitted(n: int) -> Callable:
             if n not in compiled:
                 if any(i >= n for i in batch_argnums):
                     raise TypeError(f"batch_argnums {sorted(batch_argnums)} out of range for {n} arguments")
@@ -237,7 +239,17 @@ class DataParallel:
                                      for i in range(n))
                 compiled[n] = jax.jit(fn, in_shardings=in_shardings, out_shardings=self.replicated,
                                       donate_argnums=tuple(donate_argnums))
-            return compiled[n](*args)
+            return compiled[n]
 
+        def step(*args):
+            with jax.set_mesh(self.mesh):  # batch loops in the model then stay per device
+                return jitted(len(args))(*args)
+
+        def lower(*args):
+            """``jax.jit(...).lower`` under the mesh, as the step is traced (for HLO inspection)."""
+            with jax.set_mesh(self.mesh):
+                return jitted(len(args)).lower(*args)
+
+        step.lower = lower
         step.compiled = compiled
         return step
