@@ -48,6 +48,7 @@ def batch_sum(f: Callable[[Any], Any], init: Any, xs: Any) -> Any:
     if not _data_mesh():
         return local_sum(init, xs)
     def per_device(zeros, rows):
+        zeros = lax.pcast(zeros, (BATCH_AXIS,), to="varying")  # the carry differs per device
         return lax.psum(local_sum(zeros, rows), BATCH_AXIS)
 
     zeros = jax.tree.map(lambda a: a * 0, init)

@@ -61,7 +61,26 @@ def ncode_open_classifier():
     return loss_fn, params, (images, labels)
 
 
-CASES = {"ncode_open_classifier": ncode_open_classifier}
+def node_classifier():
+    """NODE classifier (one shared θ) on 8x8 digits: its kernel gradient is a scan over images."""
+    loss_fn, _, batch = ncode_open_classifier()
+    import jax
+    import optax
+
+    from ncode_jax.models.image import image_classifier
+
+    model = image_classifier("node", batch[0].shape[1:], 10, hidden=4, augment=2)
+
+    def node_loss(params, batch):
+        images, labels = batch
+        logits, _ = model(params, images, t1=1.0, solver="rk4", dt=0.25, adjoint="checkpoint")
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return node_loss, model.init(jax.random.key(0)), batch
+
+
+CASES = {"ncode_open_classifier": ncode_open_classifier, "node_classifier": node_classifier}
+DEFAULT_CASES = ["ncode_open_classifier"]
 
 
 def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
@@ -221,7 +240,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     if args.mode == "equivalence":
-        run_equivalence(args.cases or list(CASES))
+        run_equivalence(args.cases or DEFAULT_CASES)
     elif args.mode == "toy":
         run_toy(args.out)
     else:

@@ -95,6 +95,16 @@ def test_sharded_step_matches_single_device(equivalence, case):
     assert np.isfinite(r["loss"]) and r["loss"] > 0
 
 
+@pytest.mark.slow
+def test_sharded_step_matches_single_device_node():
+    """NODE: shared kernels, whose gradient sums a scan over the images (ncode_jax.sharding.batch_sum)."""
+    proc = _run(["equivalence", "node_classifier"], XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = json.loads(proc.stdout.splitlines()[0])
+    assert r["case"] == "node_classifier" and r["shards_per_batch"] == 4, r
+    assert r["all_gather_shapes"] == [], r
+    assert r["loss_rel"] <= 1e-5 and r["grads_rel"] <= 1e-5 and r["params_rel"] <= 1e-5, r
+
+
 def test_batch_not_divisible_is_a_clear_error(equivalence):
     r = equivalence["errors"]
     assert "batch_size=30 (the global batch) is not divisible by the device count 4" in r["train"], r
@@ -170,3 +180,18 @@ def test_classify_two_processes_resume_matches_single_process(tmp_path):
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]  # no duplicates
     assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_batch_loops_under_a_mesh_equal_plain_loops():
+    from ncode_jax.sharding import batch_map, batch_sum
+
+    xs = np.arange(12.0, dtype=np.float32).reshape(6, 2)
+    one = np.ones(2, np.float32)
+    plain_map, plain_sum = batch_map(lambda r: r * 2, xs), batch_sum(lambda r: r**2, one, xs)
+    dp = parallel.DataParallel.create()
+    meshed = dp.jit(lambda x: (batch_map(lambda r: r * 2, x), batch_sum(lambda r: r**2, one, x)),
+                    batch_argnums=(0,))
+    m, s = meshed(*dp.shard_batch(xs))
+    np.testing.assert_allclose(np.asarray(m), np.asarray(plain_map))
+    np.testing.assert_allclose(np.asarray(s), np.asarray(plain_sum))
+    np.testing.assert_allclose(np.asarray(s), 1 + (xs**2).sum(0))
