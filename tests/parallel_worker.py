@@ -101,10 +101,10 @@ def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
     single = jax.device_get(jax.jit(step)(params, batch))
     dp = DataParallel.create()
     sharded_step = dp.jit(step, batch_argnums=(1,))
-    placed_batch = dp.shard_batch(*batch)
-    sharded = sharded_step(dp.replicate(params), placed_batch)
-    hlo = sharded_step.lower(dp.replicate(params), placed_batch).compile().as_text()
-    sharded = jax.device_get(sharded)
+    placed_batch, placed_params = dp.shard_batch(*batch), dp.replicate(params)
+    compiled = sharded_step.lower(placed_params, placed_batch).compile()  # one compile: HLO + run
+    hlo = compiled.as_text()
+    sharded = jax.device_get(compiled(placed_params, placed_batch))
 
     def rel(a, b):
         return max(float(np.linalg.norm(np.ravel(x) - np.ravel(y)) / max(np.linalg.norm(np.ravel(y)), 1e-30))

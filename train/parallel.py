@@ -19,13 +19,22 @@ ships data to another. Only :attr:`DataParallel.is_main` (process 0) should writ
 and figures; orbax's ``CheckpointManager`` must be called on *every* process (it synchronises them
 and lets only its primary host, process 0, write host-side numpy arrays).
 
-Usage in a training script::
+Usage in a training script (what ``train/classify.py`` does; an autoencoder trainer needs the
+same lines)::
 
-    dp = DataParallel.create(cfg.num_devices)
-    dp.check_batch(cfg.batch_size, "batch_size")
-    train_step = dp.jit(train_step, batch_argnums=(2, 3))     # (params, opt_state, images, labels)
-    params, opt_state = dp.replicate((params, opt_state))
-    images, labels = dp.shard_batch(batch.images, batch.labels)  # global numpy batch in
+    # entry point: flags, then initialise before anything touches JAX
+    parallel.add_distributed_flags(parser); args = parser.parse_args()
+    parallel.initialize_from_args(args)
+    # train_and_evaluate
+    dp = parallel.DataParallel.create(cfg.num_devices)           # None: all devices
+    dp.check_batch(cfg.batch_size, "batch_size")                 # clear error if indivisible
+    check_run_config(..., write=dp.is_main)
+    train_step = dp.jit(train_step, batch_argnums=(2, 3))        # (params, opt_state, images, labels)
+    params, opt_state = dp.replicate((params, opt_state))        # also after a checkpoint restore
+    metrics = MetricsWriter(path, enabled=dp.is_main)
+    ... train_step(params, opt_state, *dp.shard_batch(batch.images, batch.labels))  # global numpy in
+    # eval: BatchIterator(..., dp.round_up(eval_batch), drop_remainder=False) and masked sums
+    # checkpoints: call Checkpointer.save/restore on every process; reports/figures only if dp.is_main
 """
 
 from __future__ import annotations
