@@ -19,7 +19,8 @@ What is fast here, measured in ``benchmarks/conv_block.py`` (see benchmarks/READ
   image — instead of XLA's kernel-transpose convolution (:func:`conv3x3` has a ``custom_vjp``);
 * per-sample kernels run image by image with :func:`jax.lax.map` (a loop, not a ``vmap``), so
   each image is a plain batch-1 convolution and its intermediates (``H·W·hidden`` floats) stay
-  in cache. :class:`ConvBlockField` maps the *whole block* per image.
+  in cache. :class:`ConvBlockField` maps the *whole block* per image. Under a data-parallel
+  mesh these loops run per device over its own images (:mod:`ncode_jax.sharding`).
 
 The custom VJP makes these functions reverse-mode only (``jax.grad``/``jax.vjp``; forward-mode
 ``jax.jvp`` through them raises). :func:`naive_per_sample_conv` and ``impl="reference"`` are the
@@ -38,6 +39,7 @@ from jaxtyping import Array, Float
 
 from .fields import VectorField, activation
 from .layout import ParamLayout, ParamSpec
+from .sharding import batch_map, batch_sum
 
 _DN = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("fast", "reference")
@@ -129,10 +131,8 @@ def _shared_bwd(res, g):
     x, w = res
     dx = _conv_same(g, _flip_transpose(w))
 
-    def add_image(acc, xg):  # image by image: the im2col buffer stays small (9·H·W·C floats)
-        return acc + _kernel_grad(*xg), None
-
-    dw, _ = lax.scan(add_image, jnp.zeros(w.shape, w.dtype), (x, g))
+    # image by image: the im2col buffer stays small (9·H·W·C floats); per device when data-parallel
+    dw = batch_sum(lambda xg: _kernel_grad(*xg), jnp.zeros(w.shape, w.dtype), (x, g))
     return dx, dw
 
 
@@ -161,7 +161,7 @@ def per_sample_conv3x3(x: Float[Array, "B H W C"], w: Float[Array, "B 3 3 C D"])
     if x.ndim != 4:
         raise ValueError(f"per_sample_conv3x3: x must be (B, H, W, C), got shape {tuple(x.shape)}")
     _check_kernel(w, x.shape[-1], x.shape[0], "per_sample_conv3x3")
-    return lax.map(lambda xw: _conv3x3(*xw), (x, w))
+    return batch_map(lambda xw: _conv3x3(*xw), (x, w))
 
 
 def naive_per_sample_conv(
@@ -265,7 +265,7 @@ class ConvBlockField(VectorField):
         if self.impl == "reference":
             return self._apply_reference(x, w, per_sample)
         if per_sample:
-            return lax.map(lambda xw: self._one_image(*xw), (x, w))
+            return batch_map(lambda xw: self._one_image(*xw), (x, w))
         sigma = activation(self.act)
         hid = sigma(x @ w["w1"] + w["b1"])
         hid = sigma(_shared_conv3x3(hid, w["w2"]) + w["b2"])

@@ -59,8 +59,16 @@ def _is_static_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
+def _error_if(tree, pred: Array, msg: str):
+    """``eqx.error_if(tree, pred, msg)``, but the check's conditional carries a scalar that is then
+    added (as 0) to ``tree``: the conditional is pinned to one device, and carrying a batch-sharded
+    array through it would gather the whole batch there in every data-parallel step."""
+    token = eqx.error_if(jnp.zeros(()), pred, msg)
+    return jax.tree.map(lambda a: a + token.astype(a.dtype), tree)
+
+
 def _check_finite(a: Array, what: str) -> Array:
-    return eqx.error_if(a, ~jnp.all(jnp.isfinite(a)), f"ncode_jax.solve: {what} contains NaN or inf")
+    return _error_if(a, ~jnp.all(jnp.isfinite(a)), f"ncode_jax.solve: {what} contains NaN or inf")
 
 
 def nfe_count(solver: str, num_steps: Array) -> Array:
@@ -180,20 +188,20 @@ def solve(
                 if dt is not None
                 else f"loosen rtol/atol (now {rtol}/{atol}) or check the dynamics for stiffness/blow-up"
             )
-            ys = eqx.error_if(
+            ys = _error_if(
                 ys,
                 sol.result == diffrax.RESULTS.max_steps_reached,
                 f"ncode_jax.solve: the {solver} solver used all max_steps={max_steps} steps "
                 f"before reaching t1; raise it with solve(..., max_steps=N) or {advice}",
             )
-            ys = eqx.error_if(
+            ys = _error_if(
                 ys,
                 (sol.result != diffrax.RESULTS.successful)
                 & (sol.result != diffrax.RESULTS.max_steps_reached),
                 "ncode_jax.solve: diffrax could not finish the solve (step size collapsed or "
                 "non-finite values in the dynamics)",
             )
-            ys = eqx.error_if(
+            ys = _error_if(
                 ys,
                 ~jnp.all(jnp.isfinite(ys.x)),
                 "ncode_jax.solve: the solution contains NaN or inf (the dynamics diverged; try a "

@@ -51,9 +51,13 @@ class Checkpointer:
         self._manager.close()
 
 
-def check_run_config(path: str | os.PathLike, config: dict, *, ignore: tuple[str, ...] = ()) -> None:
+def check_run_config(path: str | os.PathLike, config: dict, *, ignore: tuple[str, ...] = (),
+                     write: bool = True) -> None:
     """Record ``config`` as JSON at ``path`` on first use; on later runs raise if the settings
-    (other than those in ``ignore``) differ, so a resume never mixes two experiments."""
+    (other than those in ``ignore``) differ, so a resume never mixes two experiments.
+
+    ``write=False`` only checks (the other processes of a multi-process run); the file is replaced
+    atomically, so a process reading it never sees half of it."""
     path = Path(path)
     config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
     current = {k: v for k, v in config.items() if k not in ignore}
@@ -66,5 +70,9 @@ def check_run_config(path: str | os.PathLike, config: dict, *, ignore: tuple[str
                 f"{path.parent} holds a run with a different configuration ({diff}); use another "
                 "workdir or delete that directory to start over"
             )
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -11,6 +11,9 @@ checkpoints (params, optimizer state, data position) every ``checkpoint_every`` 
 every epoch end. Re-running the same command after a kill resumes from the last checkpoint; the
 only randomness, the data order, is a pure function of ``(seed, epoch)`` and is restored with the
 data position.
+
+Data-parallel over ``num_devices`` devices (default: all) and over several processes with
+``--coordinator-address/--num-processes/--process-id`` (see ``train/parallel.py`` and the README).
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 from ncode_jax.solve import ADJOINTS
 from ncode_jax.solvers import SOLVERS
 
+from . import parallel
 from .checkpoint import Checkpointer, check_run_config
 from .config import apply_overrides, check_choice, check_dt, check_range, load_config_file
 from .utils import MetricsWriter, read_jsonl
 
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 LR_SCHEDULES = ("constant", "cosine")
-RESUMABLE_CHANGES = ("epochs", "log_every", "checkpoint_every", "eval_batch_size")
+RESUMABLE_CHANGES = ("epochs", "log_every", "checkpoint_every", "eval_batch_size", "num_devices")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class ClassifyConfig:
     train_examples: int | None = None  # use only the first N training examples (quick runs)
     log_every: int = 10
     checkpoint_every: int = 50
+    num_devices: int | None = None  # data-parallel over this many devices; None: all of them
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, KNOWN_DATASETS)
@@ -87,6 +92,9 @@ class ClassifyConfig:
         check_range(self, ("augment", "random_shift", "weight_decay", "warmup_steps"), minimum=0)
         check_range(self, ("lr", "t1", "rtol", "atol"), minimum=0, strict=True)
         check_dt(self.dt, self.t1)
+        if self.num_devices is not None and self.num_devices < 1:
+            raise ValueError(f"config value num_devices={self.num_devices} is out of range: must be >= 1 "
+                             "(or None for all devices)")
         if self.train_examples is not None and self.train_examples < self.batch_size:
             raise ValueError(f"train_examples={self.train_examples} is smaller than batch_size")
 
@@ -158,13 +166,18 @@ def make_steps(model, cfg: ClassifyConfig, optimizer):
     return train_step, eval_step
 
 
-def evaluate(eval_step, params, dataset, batch_size: int) -> dict:
-    it = BatchIterator(dataset, min(batch_size, dataset.num_examples), seed=0, shuffle=False,
-                       drop_remainder=False, num_epochs=1)
+def evaluate(eval_step, params, dataset, batch_size: int, dp: parallel.DataParallel | None = None) -> dict:
+    """Masked sums over the whole set; with ``dp`` the batch is padded up to a multiple of the
+    device count (padding rows are masked out, so the numbers do not change)."""
+    batch_size = min(batch_size, dataset.num_examples)
+    if dp is not None:
+        batch_size = dp.round_up(batch_size)
+    it = BatchIterator(dataset, batch_size, seed=0, shuffle=False, drop_remainder=False, num_epochs=1)
     loss = correct = count = 0.0
     nfes = []
     for batch in it:
-        l_sum, c_sum, nfe = eval_step(params, batch.images, batch.labels, batch.mask)
+        arrays = (batch.images, batch.labels, batch.mask)
+        l_sum, c_sum, nfe = eval_step(params, *(dp.shard_batch(*arrays) if dp is not None else arrays))
         loss += float(l_sum)
         correct += float(c_sum)
         count += float(batch.mask.sum())
@@ -177,7 +190,9 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
     """Train one model (resuming from ``workdir``), evaluate every epoch, return the summary."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
-    check_run_config(workdir / "config.json", asdict(cfg), ignore=RESUMABLE_CHANGES)
+    dp = parallel.DataParallel.create(cfg.num_devices)
+    dp.check_batch(cfg.batch_size, "batch_size")
+    check_run_config(workdir / "config.json", asdict(cfg), ignore=RESUMABLE_CHANGES, write=dp.is_main)
     train, test = load_data(cfg)
     model = build_model(cfg, train.image_shape, train.num_classes)
     it = BatchIterator(train, cfg.batch_size, seed=cfg.seed, shuffle=True, drop_remainder=True)
@@ -185,6 +200,8 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(cfg, total_steps)
     train_step, eval_step = make_steps(model, cfg, optimizer)
+    train_step = dp.jit(train_step, batch_argnums=(2, 3))
+    eval_step = dp.jit(eval_step, batch_argnums=(1, 2, 3))
 
     params = model.init(jax.random.key(cfg.seed))
     state = {"params": params, "opt_state": optimizer.init(params), "step": np.asarray(0),
@@ -197,9 +214,10 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
     data_state = it.state()
     data_state.update(epoch=int(state["epoch"]), index=int(state["index"]))
     it.restore(data_state)
-    params, opt_state = state["params"], state["opt_state"]
-    metrics = MetricsWriter(workdir / "metrics.jsonl")
-    _drop_metrics_after(workdir / "metrics.jsonl", step)
+    params, opt_state = dp.replicate((state["params"], state["opt_state"]))
+    metrics = MetricsWriter(workdir / "metrics.jsonl", enabled=dp.is_main)
+    if dp.is_main:
+        _drop_metrics_after(workdir / "metrics.jsonl", step)
 
     def wall() -> float:
         return prior_wall + time.perf_counter() - t_start
@@ -210,7 +228,7 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
                          "epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"]),
                          "wall_time": np.asarray(wall())})
 
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not progress,
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not (progress and dp.is_main),
                desc=f"{cfg.dataset}/{cfg.model}", file=sys.stderr, dynamic_ncols=True)
     last_eval = None
     while step < total_steps:
@@ -218,7 +236,8 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
         images = batch.images
         if cfg.random_shift:  # a pure function of (seed, step): resuming replays the same shifts
             images = random_shift(images, cfg.random_shift, np.random.default_rng((cfg.seed, step)))
-        params, opt_state, loss, acc, nfe = train_step(params, opt_state, images, batch.labels)
+        params, opt_state, loss, acc, nfe = train_step(params, opt_state,
+                                                       *dp.shard_batch(images, batch.labels))
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -230,22 +249,25 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
                           loss=loss, accuracy=acc, nfe=nfe, wall_time=round(wall(), 2))
         epoch_end = step % steps_per_epoch == 0
         if epoch_end:
-            last_eval = evaluate(eval_step, params, test, cfg.eval_batch_size)
+            last_eval = evaluate(eval_step, params, test, cfg.eval_batch_size, dp)
             metrics.write(kind="eval", model=cfg.model, step=step, epoch=step // steps_per_epoch,
                           **last_eval, wall_time=round(wall(), 2))
-            bar.write(f"epoch {step // steps_per_epoch}: test accuracy "
-                      f"{100 * last_eval['test_accuracy']:.2f}%  nfe {last_eval['test_nfe']:.0f}")
+            if dp.is_main:
+                bar.write(f"epoch {step // steps_per_epoch}: test accuracy "
+                          f"{100 * last_eval['test_accuracy']:.2f}%  nfe {last_eval['test_nfe']:.0f}")
         if epoch_end or step % cfg.checkpoint_every == 0:
             save()
     bar.close()
     ckpt.close()
     if last_eval is None:  # resumed a finished run: evaluate its final parameters once more
-        last_eval = evaluate(eval_step, params, test, cfg.eval_batch_size)
+        last_eval = evaluate(eval_step, params, test, cfg.eval_batch_size, dp)
     summary = {"dataset": cfg.dataset, "model": cfg.model, "epochs": cfg.epochs, "steps": step,
                **last_eval, "wall_time_s": round(wall(), 1),
                "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
-               "train_examples": train.num_examples, "test_examples": test.num_examples}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+               "train_examples": train.num_examples, "test_examples": test.num_examples,
+               "num_devices": dp.num_devices, "num_processes": dp.num_processes}
+    if dp.is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -297,12 +319,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable); model may be a comma list or 'all'")
     p.add_argument("--no-progress", action="store_true")
+    parallel.add_distributed_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**asdict(ClassifyConfig()), **load_config_file(args.config)}  # file keys over defaults
         raw = apply_overrides(raw, args.set)
         models = list(IMAGE_KINDS) if raw["model"] == "all" else raw["model"].split(",")
@@ -313,6 +337,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     summaries = [train_and_evaluate(cfg, workdir / cfg.model, progress=not args.no_progress)
                  for cfg in configs]
+    if jax.process_index() != 0:  # only process 0 writes the reports
+        return 0
     (workdir / "summary.json").write_text(json.dumps(summaries, indent=2))
     (workdir / "results.md").write_text(results_table(summaries) + "\n")
     plot_curves(workdir, [c.model for c in configs])

@@ -9,13 +9,18 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Append one JSON object per line to ``path`` (flushed at every write)."""
+    """Append one JSON object per line to ``path`` (flushed at every write); ``enabled=False``
+    makes every write a no-op (the non-zero processes of a multi-process run)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
         clean = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")

@@ -1,0 +1,264 @@
+"""Data-parallel and multi-host training on JAX's own runtime: a mesh, shardings, process roles.
+
+Training state (parameters, optimizer state) is **replicated** on every device; each global batch
+is **sharded** along its first axis over a one-axis mesh ``('data',)``. A step is an ordinary
+``jax.jit`` with those in/out shardings (:meth:`DataParallel.jit`): XLA inserts the gradient
+all-reduce, so the loss, gradients and updated parameters are those of the single-device step on
+the same global batch (up to floating-point summation order). ``jit`` + shardings is used rather
+than ``shard_map``, which fails around a diffrax solve with the checkpoint adjoint; the step is
+traced under ``jax.set_mesh(mesh)`` so that loops over the batch inside the model (per-sample
+convolution kernels) run per device (:mod:`ncode_jax.sharding`) instead of being all-gathered.
+
+Multi-host (several processes, e.g. one per machine): call :func:`initialize_distributed` (driven
+by the ``--coordinator-address/--num-processes/--process-id`` flags of :func:`add_distributed_flags`
+or the ``JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID`` environment variables) before
+anything else touches JAX. Every process then builds the same global batch from the same seeded
+iterator, keeps only its own rows (:meth:`DataParallel.local_rows`, a pure function of the mesh)
+and assembles the global array with ``jax.make_array_from_process_local_data`` — no process
+ships data to another. Only :attr:`DataParallel.is_main` (process 0) should write logs, metrics
+and figures; orbax's ``CheckpointManager`` must be called on *every* process (it synchronises them
+and lets only its primary host, process 0, write host-side numpy arrays).
+
+Usage in a training script (what ``train/classify.py`` does; an autoencoder trainer needs the
+same lines)::
+
+    # entry point: flags, then initialise before anything touches JAX
+    parallel.add_distributed_flags(parser); args = parser.parse_args()
+    parallel.initialize_from_args(args)
+    # train_and_evaluate
+    dp = parallel.DataParallel.create(cfg.num_devices)           # None: all devices
+    dp.check_batch(cfg.batch_size, "batch_size")                 # clear error if indivisible
+    check_run_config(..., write=dp.is_main)
+    train_step = dp.jit(train_step, batch_argnums=(2, 3))        # (params, opt_state, images, labels)
+    params, opt_state = dp.replicate((params, opt_state))        # also after a checkpoint restore
+    metrics = MetricsWriter(path, enabled=dp.is_main)
+    ... train_step(params, opt_state, *dp.shard_batch(batch.images, batch.labels))  # global numpy in
+    # eval: BatchIterator(..., dp.round_up(eval_batch), drop_remainder=False) and masked sums
+    # checkpoints: call Checkpointer.save/restore on every process; reports/figures only if dp.is_main
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ncode_jax.sharding import BATCH_AXIS as AXIS
+
+ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+       "process_id": "JAX_PROCESS_ID"}
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--coordinator-address``, ``--num-processes`` and ``--process-id`` to a parser."""
+    g = parser.add_argument_group("multi-host (jax.distributed); defaults from the environment")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help=f"address of process 0's coordinator (env {ENV['coordinator_address']})")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help=f"total number of processes (env {ENV['num_processes']})")
+    g.add_argument("--process-id", type=int, default=None,
+                   help=f"this process's index in [0, num_processes) (env {ENV['process_id']})")
+    return parser
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, environ=None) -> bool:
+    """Start ``jax.distributed`` when a multi-process run is requested; returns whether it did.
+
+    Arguments left None are read from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. Nothing is requested (all unset, or ``num_processes == 1``) -> a plain
+    single-process run, returns False. A partial request is an error, as is calling this after
+    JAX has started its backend (``jax.distributed.initialize`` must come first).
+    """
+    environ = os.environ if environ is None else environ
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    for key, value in given.items():
+        if value is None and environ.get(ENV[key]):
+            raw = environ[ENV[key]]
+            if key == "coordinator_address":
+                given[key] = raw
+            else:
+                try:
+                    given[key] = int(raw)
+                except ValueError:
+                    raise ValueError(f"environment variable {ENV[key]}={raw!r} is not an integer") from None
+    if all(v is None for v in given.values()) or given["num_processes"] == 1:
+        return False
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(
+            "a multi-process run needs coordinator address, number of processes and process id; "
+            f"missing {missing} (flags --{missing[0].replace('_', '-')} or env {ENV[missing[0]]})")
+    n, pid = given["num_processes"], given["process_id"]
+    if n < 1 or not 0 <= pid < n:
+        raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got {n=} {pid=}")
+    jax.distributed.initialize(coordinator_address=given["coordinator_address"], num_processes=n,
+                               process_id=pid)
+    return True
+
+
+def initialize_from_args(args: argparse.Namespace) -> bool:
+    """:func:`initialize_distributed` from the flags :func:`add_distributed_flags` added."""
+    return initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def select_devices(num_devices: int | None = None) -> list:
+    """The devices of the mesh, ordered process by process.
+
+    ``None`` -> every device of every process. ``k`` -> the first ``k / process_count`` local
+    devices of each process (``k`` must be a multiple of the process count, since every process
+    must own part of the mesh).
+    """
+    devices, nproc = jax.devices(), jax.process_count()
+    if num_devices is None:
+        chosen = devices
+    else:
+        if isinstance(num_devices, bool) or not isinstance(num_devices, int | np.integer) or num_devices < 1:
+            raise ValueError(f"num_devices must be a positive int or None (all), got {num_devices!r}")
+        if num_devices > len(devices):
+            raise ValueError(
+                f"num_devices={num_devices} but only {len(devices)} devices exist "
+                f"({jax.default_backend()}, {nproc} process(es)); on CPU, "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices")
+        if num_devices % nproc:
+            raise ValueError(f"num_devices={num_devices} is not a multiple of the process count "
+                             f"{nproc}: every process must hold the same number of mesh devices")
+        per = num_devices // nproc
+        chosen = []
+        for p in range(nproc):
+            local = [d for d in devices if d.process_index == p]
+            chosen.extend(local[:per])
+    return sorted(chosen, key=lambda d: (d.process_index, d.id))
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """A one-axis device mesh with the shardings of data-parallel training."""
+
+    mesh: Mesh
+
+    @classmethod
+    def create(cls, num_devices: int | None = None) -> DataParallel:
+        return cls(Mesh(np.asarray(select_devices(num_devices)), (AXIS,)))
+
+    # --- roles ---------------------------------------------------------------------------------
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def num_processes(self) -> int:
+        return jax.process_count()
+
+    @property
+    def process_index(self) -> int:
+        return jax.process_index()
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that writes logs, metrics, summaries and figures."""
+        return jax.process_index() == 0
+
+    # --- shardings -----------------------------------------------------------------------------
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """Leading (batch) axis split over the mesh, other axes whole."""
+        return NamedSharding(self.mesh, P(AXIS))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def check_batch(self, global_batch: int, name: str = "batch_size") -> None:
+        """Raise ValueError unless ``global_batch`` splits evenly over devices and processes."""
+        for count, what in ((self.num_devices, "device count"), (self.num_processes, "process count")):
+            if global_batch % count:
+                lo = global_batch // count * count
+                raise ValueError(
+                    f"{name}={global_batch} (the global batch) is not divisible by the {what} "
+                    f"{count} (mesh of {self.num_devices} devices over {self.num_processes} "
+                    f"process(es)); use a multiple of {count}, e.g. {lo or count} or {lo + count}, "
+                    "or change num_devices")
+
+    def round_up(self, batch: int) -> int:
+        """The smallest multiple of the device count >= ``batch`` (for padded, masked eval batches)."""
+        return -(-batch // self.num_devices) * self.num_devices
+
+    def local_rows(self, global_batch: int) -> slice:
+        """The rows of a global batch whose data this process holds (contiguous by construction)."""
+        self.check_batch(global_batch)
+        index_map = self.batch_sharding.addressable_devices_indices_map((global_batch,))
+        starts = sorted(idx[0].start or 0 for idx in index_map.values())
+        stops = sorted(global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values())
+        lo, hi = starts[0], stops[-1]
+        if hi - lo != len(set(starts)) * (global_batch // self.num_devices):
+            raise RuntimeError(f"process {self.process_index} holds non-contiguous rows {starts}")
+        return slice(lo, hi)
+
+    # --- placement -----------------------------------------------------------------------------
+    def shard_batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        """Global numpy batch arrays -> global ``jax.Array`` s sharded along axis 0.
+
+        Every process passes the *same* global batch (a pure function of seed and position); each
+        keeps its own rows only, so the host-to-device traffic per process is ``1 / processes`` of
+        the batch. Returns a tuple even for one array.
+        """
+        if not arrays:
+            raise ValueError("shard_batch needs at least one array")
+        b = int(np.shape(arrays[0])[0])
+        for a in arrays:
+            if np.shape(a)[0] != b:
+                raise ValueError(f"batch arrays disagree on the batch size: {[np.shape(x) for x in arrays]}")
+        rows = self.local_rows(b)
+        return tuple(jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a)[rows],
+                                                            np.shape(a))
+                     for a in arrays)
+
+    def replicate(self, tree: Any) -> Any:
+        """Place a PyTree (numpy or JAX arrays, equal on every process) on every mesh device."""
+        sharding = self.replicated
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+        return jax.tree.map(put, tree)
+
+    def jit(self, fn: Callable, *, batch_argnums: Sequence[int], donate_argnums: Sequence[int] = ()
+            ) -> Callable:
+        """``jax.jit(fn)`` with the positional arguments in ``batch_argnums`` sharded along the batch
+        axis and every other argument and every output replicated. ``fn`` may already be jitted
+        (the outer shardings then govern). One compiled function per argument count."""
+        batch_argnums = frozenset(batch_argnums)
+        compiled: dict[int, Callable] = {}
+
+        def jitted(n: int) -> Callable:
+            if n not in compiled:
+                if any(i >= n for i in batch_argnums):
+                    raise TypeError(f"batch_argnums {sorted(batch_argnums)} out of range for {n} arguments")
+                in_shardings = tuple(self.batch_sharding if i in batch_argnums else self.replicated
+                                     for i in range(n))
+                compiled[n] = jax.jit(fn, in_shardings=in_shardings, out_shardings=self.replicated,
+                                      donate_argnums=tuple(donate_argnums))
+            return compiled[n]
+
+        def step(*args):
+            with jax.set_mesh(self.mesh):  # batch loops in the model then stay per device
+                return jitted(len(args))(*args)
+
+        def lower(*args):
+            """``jax.jit(...).lower`` under the mesh, as the step is traced (for HLO inspection)."""
+            with jax.set_mesh(self.mesh):
+                return jitted(len(args)).lower(*args)
+
+        step.lower = lower
+        step.compiled = compiled
+        return step
