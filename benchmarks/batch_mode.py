@@ -33,7 +33,7 @@ def main(argv=None):
         for adjoint in ["checkpoint", "backsolve"]:
             row = {"solver": solver, "dt": dt, "adjoint": adjoint}
             for mode in ["system", "vmap"]:
-                def loss(p, mode=mode):
+                def loss(p, mode=mode, solver=solver, dt=dt, adjoint=adjoint):
                     sol = model(p, x0, solver=solver, dt=dt, adjoint=adjoint, batch=mode)
                     return jnp.mean(sol.x**2), jnp.max(sol.stats["nfe"])
 

@@ -59,7 +59,7 @@ def annuli_flows(workdir: Path, models: list[str]) -> Path:
         ax.scatter(xs[-1, :, 0], xs[-1, :, 1], c="k", s=4, edgecolors="none")
         ax.set_aspect("equal", adjustable="datalim")
         if xs.shape[-1] > 2:
-            ax.set_xlabel("first two of %d state dims" % xs.shape[-1], fontsize=8)
+            ax.set_xlabel(f"first two of {xs.shape[-1]} state dims", fontsize=8)
     axes[0, 0].set_ylabel("P(annulus) over the input plane")
     axes[1, 0].set_ylabel("flows: coloured x(0) → black x(T)")
     fig.tight_layout()

@@ -50,8 +50,8 @@ __all__ = ["CONV_IMPLS", "DEFAULT_CONV_IMPL", "IMAGE_KINDS", "ConvNCODE", "grads
            "load_jax_params", "per_sample_conv3x3"]
 
 IMAGE_KINDS = ("node", "anode", "open", "closed")
-CONV_IMPLS = ("hybrid", "loop", "unfold", "grouped", "vmap")
-DEFAULT_CONV_IMPL = "hybrid"
+CONV_IMPLS = ("unfold", "hybrid", "loop", "grouped", "vmap")
+DEFAULT_CONV_IMPL = "unfold"
 
 
 # ---------------------------------------------------------------------------------------------
