@@ -19,21 +19,25 @@ instead the rows of g's first layer and of the read-out are permuted once per so
 **Per-sample kernels** (the 3×3 convolution of every image with its own kernel; the 1×1 layers
 are ``torch.baddbmm``). Candidates in :data:`CONV_IMPLS`, forward + backward of the whole
 per-sample block (gradient w.r.t. x and all weights), batch 64, 28×28, 11→50→50→11, float32,
-2 threads, measured with ``python -m benchmarks.conv_block --torch`` (see benchmarks/README.md):
+2 threads (7.1 GFLOP per call):
 
-==========  ===========  ==========================================================
-impl        fwd + bwd    how
-==========  ===========  ==========================================================
-grouped     1333 ms      ``F.conv2d(groups=B)`` on a ``(1, B·h, H, W)`` tensor
-vmap        1372 ms      ``torch.func.vmap(F.conv2d)`` (lowers to the grouped conv)
-unfold       277 ms      ``F.unfold`` (im2col) + ``torch.bmm``, plain autograd
-loop         284 ms      one batch-1 ``F.conv2d`` per image, plain autograd
-hybrid       see below   custom autograd: per-image convs forward and for the input
-                         gradient, im2col ``bmm`` for the kernel gradient (the JAX
-                         strategy of ``ncode_jax/conv.py``)
-==========  ===========  ==========================================================
+==========  ==============  ==============  =============================================
+impl        load avg 1–2    load avg ~8     how
+==========  ==============  ==============  =============================================
+unfold      277 ms          2517–3710 ms    ``F.unfold`` (im2col) + ``torch.bmm``, plain
+                                            autograd — the default
+loop        284 ms          19272 ms        one batch-1 ``F.conv2d`` per image, autograd
+hybrid      —               5374 ms         custom autograd: per-image convolutions forward
+                                            and for the input gradient, im2col ``bmm`` for
+                                            the kernel gradient (the JAX strategy)
+grouped     1333 ms         —               ``F.conv2d(groups=B)`` on ``(1, B·h, H, W)``
+vmap        1372 ms         —               ``torch.func.vmap(F.conv2d)`` (a grouped conv)
+==========  ==============  ==============  =============================================
 
-(first scratch run, load average 1–2; :data:`DEFAULT_CONV_IMPL` is the fastest measured.)
+(two scratch runs on the shared 2-core machine; ``python -m benchmarks.conv_block --torch``
+re-measures all of them beside the JAX block — see benchmarks/README.md.) ``unfold`` keeps the
+im2col matrix (``B·9h·H·W`` floats, 90 MB at batch 64) per evaluation for the backward pass:
+1.4 GB for 16 rk4 evaluations under ``odeint``.
 """
 
 from __future__ import annotations
