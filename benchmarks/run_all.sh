@@ -21,7 +21,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the accelerato
 run() { echo "+ $* (load: $(cut -d' ' -f1-3 /proc/loadavg))"; local t=$SECONDS; "$@"; echo "  took $((SECONDS - t)) s"; }
 cd "$(dirname "$0")/.."
 
-run python -m benchmarks.toy_step --device "$DEVICE" --tag "$TAG"
+run python -m benchmarks.toy_step --device "$DEVICE" --repeats 20 --no-backward-count --tag "$TAG"
 run python -m benchmarks.toy_step --device "$DEVICE" --sweep batch --loops closed --solvers rk4 --tag "$TAG"
 run python -m benchmarks.conv_step --device "$DEVICE" --kinds open closed --solvers rk4 --tag "$TAG"
 run python -m benchmarks.conv_step --device "$DEVICE" --kinds open --solvers dopri5 --adjoints checkpoint \
