@@ -6,11 +6,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,3 +47,92 @@ def write_results(name: str, payload: dict) -> Path:
     out = RESULTS / f"{name}.json"
     out.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return out
+
+
+def require_torch(who: str):
+    try:
+        import torch  # noqa: F401
+        import torchdiffeq  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"{who} needs the torch extra: pip install -e '.[torch]' ({e})")
+
+
+def pick_devices(device: str):
+    """``(jax device, torch device string)``; exits with a clear message if one is missing."""
+    import torch
+
+    if device == "cpu":
+        return jax.devices("cpu")[0], "cpu"
+    try:
+        jdev = jax.devices("gpu")[0]
+    except RuntimeError as e:
+        sys.exit(f"--device gpu: JAX has no GPU backend here ({e}); install a CUDA jaxlib or use "
+                 "--device cpu")
+    if not torch.cuda.is_available():
+        sys.exit(f"--device gpu: this torch ({torch.__version__}) has no CUDA device; the project "
+                 "pins a CPU wheel — install a CUDA build of torch==2.13.0 or use --device cpu")
+    return jdev, "cuda"
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Times (ms) of ``repeats`` calls of each ``(call, reset)``, alternating the order per
+    repeat; ``reset`` runs outside the timed region."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            call, reset = fns[k]
+            reset()
+            t = time.perf_counter()
+            jax.block_until_ready(call())
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
+            "repeats": len(times)}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
+    """Median f32 GFLOP/s of an ``n×n @ n×n`` matmul (XLA's own GEMM, all cores)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    t = time_fn(jax.jit(lambda a: a @ a), a, repeats=repeats)
+    return {"n": n, **t, "gflops": round(2 * n**3 / t["median_ms"] / 1e6, 1)}
+
+
+def eval_flops(flow, params: dict, x0) -> dict:
+    """FLOPs of ONE evaluation of the flow's right-hand side ``h(t, z)`` on the batch ``x0``, from
+    XLA's cost analysis: ``fwd`` (h alone) and ``fwd_bwd`` (h and its VJP w.r.t. the state and
+    every parameter, as one backward step needs).
+
+    Whole solves cannot be costed this way: XLA's cost analysis counts a while loop's body once,
+    whatever its trip count (checked: a fixed-step rk4 solve+grad reports the same FLOPs for 10
+    and 20 steps). Callers multiply by the NFE. A flow whose field loops internally (the fast
+    ``ConvBlockField`` path maps over images) must be passed with a loop-free twin
+    (``impl="reference"``: same maths, same FLOPs).
+    """
+    from ncode_jax.control import augment
+
+    theta0 = flow.initial_theta(params, x0)
+    dyn = flow.dynamics
+    z0, theta_const = dyn.initial_state(augment(x0, flow.augment), theta0)
+    args = {"theta": theta_const, "feedback": params.get("feedback"), "cost": None}
+
+    def h(z, a):
+        return dyn(0.0, z, a)
+
+    def total(z, a):
+        return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(h(z, a)))
+
+    def cost(fn):
+        return float(jax.jit(fn).lower(z0, args).compile().cost_analysis().get("flops", float("nan")))
+
+    return {"fwd": cost(h), "fwd_bwd": cost(jax.grad(total, argnums=(0, 1)))}
+
+
+def hardware_fraction(flops: float, ms: float, peak_gflops: float) -> dict:
+    """Achieved GFLOP/s of ``flops`` in ``ms`` milliseconds, and its fraction of the peak."""
+    gflops = flops / ms / 1e6
+    return {"model_gflop": round(flops / 1e9, 4), "gflops": round(gflops, 2),
+            "fraction_of_matmul_peak": round(gflops / peak_gflops, 4)}

@@ -12,10 +12,15 @@ Every rate uses the SAME analytic FLOP count: 3 × the forward multiply-adds ×2
 block (all 9 taps everywhere, biases/activations ignored; XLA's cost analysis of the
 ``shared_lax`` program is printed beside it). The fast variants are timed in interleaved rounds
 and ratios are taken within a round; the naive one (tens of seconds per call) once. A square
-f32 matmul gives the machine's peak for context. Writes ``benchmarks/results/conv_block.json``.
+f32 matmul gives the machine's peak for context. With ``--torch`` the same per-sample block
+(and the shared one) is timed in PyTorch for every per-sample convolution of
+``benchmarks/torch_baseline/conv.py`` (forward + backward w.r.t. x and θ, same θ, NCHW,
+``torch.set_num_threads(--threads)``); this picks the baseline's default. Writes
+``benchmarks/results/conv_block.json``.
 
     python -m benchmarks.conv_block [--batch 64] [--size 28] [--channels 11] [--hidden 50]
                                     [--repeats 10] [--rounds 3] [--naive-repeats 1] [--skip-naive]
+                                    [--torch] [--torch-repeats 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -29,16 +34,43 @@ import numpy as np
 
 from ncode_jax import ConvBlockField
 
-from .common import time_fn, write_results
+from .common import matmul_peak, time_fn, write_results
 
 FAST = ("shared", "shared_lax", "per_sample")
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
-    """Median f32 GFLOP/s of an ``n×n @ n×n`` matmul (XLA's own GEMM, all cores)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    t = time_fn(jax.jit(lambda a: a @ a), a, repeats=repeats)
-    return {"n": n, **t, "gflops": round(2 * n**3 / t["median_ms"] / 1e6, 1)}
+def torch_variants(args, theta, theta_b, x_nhwc, flops) -> dict:
+    """Median fwd+bwd ms of the PyTorch block per per-sample convolution impl (and shared θ)."""
+    import time
+
+    import torch
+
+    from .common import require_torch
+
+    require_torch("benchmarks.conv_block --torch")
+    from .torch_baseline.conv import CONV_IMPLS, ConvNCODE
+
+    torch.set_num_threads(args.threads)
+    s = args.size
+    x = torch.as_tensor(x_nhwc).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    out = {}
+    cases = [("shared", "unfold", theta)] + [(f"per_sample_{i}", i, theta_b) for i in CONV_IMPLS]
+    for name, impl, th in cases:
+        # the block of a model whose state has `channels` channels: augment = channels - 1
+        m = ConvNCODE("anode", (s, s, 1), hidden=args.hidden, augment=args.channels - 1, conv_impl=impl)
+        t = torch.as_tensor(np.asarray(th)).requires_grad_()
+        times = []
+        for _ in range(args.torch_repeats + 1):
+            x.grad = t.grad = None
+            t0 = time.perf_counter()
+            (0.5 * (m.field(x, m.weights(t)) ** 2).sum()).backward()
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(times[1:])
+        out[name] = {"median_ms": round(ms, 2), "min_ms": round(min(times[1:]), 2),
+                     "first_ms": round(times[0], 2), "gflops": round(flops / ms / 1e6, 2),
+                     "threads": args.threads}
+        print(f"torch {name}: {ms:.1f} ms", flush=True)
+    return out
 
 
 def main(argv=None):
@@ -51,6 +83,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (fast variants)")
     p.add_argument("--naive-repeats", type=int, default=1)
     p.add_argument("--skip-naive", action="store_true", help="skip the slow vmap(conv) baseline")
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch per-sample variants")
+    p.add_argument("--torch-repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_x64", False)
 
@@ -114,15 +149,20 @@ def main(argv=None):
         t = time_fn(fn, x, th, repeats=args.naive_repeats)
         results["naive"] = {**t, "gflops": round(flops / t["median_ms"] / 1e6, 3)}
 
+    if args.torch:
+        results["torch"] = torch_variants(args, theta, theta_b, np.asarray(x), flops)
+
     # rate ratios (= inverse time ratios); the per-round medians pair runs made close in time
     ratios = {k: round(statistics.median(v), 3) for k, v in per_round_ratio.items()}
     if "naive" in results:
         ratios["naive/shared"] = round(results["naive"]["gflops"] / results["shared"]["gflops"], 4)
         ratios["per_sample/naive"] = round(results["per_sample"]["gflops"] / results["naive"]["gflops"], 1)
 
-    print(f"\n{'variant':12s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
-    for name, r in results.items():
-        print(f"{name:12s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%")
+    print(f"\n{'variant':24s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
+    rows = {k: v for k, v in results.items() if k != "torch"}
+    rows.update({f"torch_{k}": v for k, v in results.get("torch", {}).items()})
+    for name, r in rows.items():
+        print(f"{name:24s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%")
     print(f"matmul peak (f32 2048^3, max of before/after): {peak:.1f} GFLOP/s")
     for k, v in ratios.items():
         print(f"rate ratio {k}: {v}")

@@ -25,8 +25,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -35,37 +33,23 @@ import optax
 
 import ncode_jax as nc
 
-from .common import RESULTS, time_fn, write_results
+from .common import (
+    RESULTS,
+    eval_flops,
+    hardware_fraction,
+    interleaved,
+    matmul_peak,
+    pick_devices,
+    require_torch,
+    summarize,
+    time_fn,
+    write_results,
+)
 
 LOOPS = ("open", "closed")
 SOLVERS = {"rk4": dict(solver="rk4", dt=0.1), "dopri5": dict(solver="dopri5", dt=None)}
 PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -> torch call
 SWEEPS = {"batch": (32, 64, 128, 256, 512, 1024), "horizon": (0.5, 1.0, 2.0, 4.0)}
-
-
-def _require_torch():
-    try:
-        import torch  # noqa: F401
-        import torchdiffeq  # noqa: F401
-    except ImportError as e:
-        sys.exit(f"benchmarks.toy_step needs the torch extra: pip install -e '.[torch]' ({e})")
-
-
-def pick_devices(device: str):
-    """``(jax device, torch device string)``; exits with a clear message if one is missing."""
-    import torch
-
-    if device == "cpu":
-        return jax.devices("cpu")[0], "cpu"
-    try:
-        jdev = jax.devices("gpu")[0]
-    except RuntimeError as e:
-        sys.exit(f"--device gpu: JAX has no GPU backend here ({e}); install a CUDA jaxlib or use "
-                 "--device cpu")
-    if not torch.cuda.is_available():
-        sys.exit(f"--device gpu: this torch ({torch.__version__}) has no CUDA device; the project "
-                 "pins a CPU wheel — install a CUDA build of torch==2.13.0 or use --device cpu")
-    return jdev, "cuda"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,30 +139,12 @@ def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, t
         torch=(tstep, treset),
         tmodel=tmodel,
         jax_extra=(params, x0, solve_kw),
+        flops=eval_flops(model, params, x0),
     )
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Times (ms) of ``repeats`` calls of each ``(call, reset)``, alternating the order per
-    repeat; ``reset`` runs outside the timed region."""
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for k in names if r % 2 == 0 else names[::-1]:
-            call, reset = fns[k]
-            reset()
-            t = time.perf_counter()
-            jax.block_until_ready(call())
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return times
-
-
-def summarize(times: list[float]) -> dict:
-    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
-            "repeats": len(times)}
-
-
-def run_case(kind, solver_name, adjoint, *, batch, t1, repeats, args, jdev, tdev, count_backward):
+def run_case(kind, solver_name, adjoint, *, batch, t1, repeats, args, jdev, tdev, count_backward,
+             peak):
     case = build_case(kind, solver_name, adjoint, batch=batch, t1=t1, lr=args.lr, rtol=args.rtol,
                       atol=args.atol, jdev=jdev, tdev=tdev)
     fns = {"jax": case["jax"], "torch": case["torch"]}
@@ -201,6 +167,9 @@ def run_case(kind, solver_name, adjoint, *, batch, t1, repeats, args, jdev, tdev
     times = interleaved(fns, repeats)
     for k in fns:
         row[k].update(summarize(times[k]))
+        model_flops = row[k]["nfe_fwd"] * case["flops"]["fwd_bwd"]
+        row[k].update(hardware_fraction(model_flops, row[k]["median_ms"], peak))
+    row["eval_flops"] = case["flops"]
     row["ratio_torch_over_jax"] = round(row["torch"]["median_ms"] / row["jax"]["median_ms"], 2)
     # same-repeat ratios: robust to load that changes between repeats
     row["ratio_median_of_pairs"] = round(statistics.median(
@@ -214,7 +183,8 @@ def fmt_row(r) -> str:
     return (f"{r['loop']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
             f"B={r['batch']:<5d} T={r['t1']:<4g} JAX {j['median_ms']:8.2f} ms (nfe {j['nfe_fwd']:3d}+"
             f"{bwd(j)!s:>3s}, first {j['first_call_s']:5.2f} s)  torch {t['median_ms']:8.2f} ms "
-            f"(nfe {t['nfe_fwd']:3d}+{bwd(t)!s:>3s})  torch/JAX {r['ratio_torch_over_jax']:5.2f}  "
+            f"(nfe {t['nfe_fwd']:3d}+{bwd(t)!s:>3s})  peak% {100 * j['fraction_of_matmul_peak']:.2f}/"
+            f"{100 * t['fraction_of_matmul_peak']:.2f}  torch/JAX {r['ratio_torch_over_jax']:5.2f}  "
             f"loss {j['loss']:.5f}/{t['loss']:.5f}")
 
 
@@ -325,7 +295,7 @@ def main(argv=None):
     p.add_argument("--no-backward-count", action="store_true",
                    help="skip the instrumented JAX run that counts backward field evaluations")
     args = p.parse_args(argv)
-    _require_torch()
+    require_torch("benchmarks.toy_step")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -340,13 +310,17 @@ def main(argv=None):
     print(f"JAX {jax.__version__} on {jdev} | torch {torch.__version__} on {tdev}, "
           f"{torch.get_num_threads()} thread(s) | repeats {repeats}", flush=True)
     load_start = os.getloadavg()
+    with jax.default_device(jdev):
+        peak_before = matmul_peak()
+    print(f"f32 matmul peak: {peak_before['gflops']:.1f} GFLOP/s", flush=True)
     rows = []
     for batch, t1 in points:
         for kind in args.loops:
             for solver_name in args.solvers:
                 for adjoint in args.adjoints:
                     row = run_case(kind, solver_name, adjoint, batch=batch, t1=t1, repeats=repeats,
-                                   args=args, jdev=jdev, tdev=tdev, count_backward=count_backward)
+                                   args=args, jdev=jdev, tdev=tdev, count_backward=count_backward,
+                                   peak=peak_before["gflops"])
                     rows.append(row)
                     print(fmt_row(row), flush=True)
     name = "toy_step" + (f"_{args.sweep}" if args.sweep else "") + args.tag
@@ -361,7 +335,15 @@ def main(argv=None):
         "callback in an instrumented copy; checkpoint = recomputation from checkpoints, "
         "backsolve = adjoint solve, each a VJP; torch odeint: 0, autograd replays the stored "
         "graph; odeint_adjoint: adjoint solve)")
-    out = write_results(name, {"settings": settings, "rows": rows})
+    settings["flops_notes"] = (
+        "eval_flops: XLA cost analysis of one right-hand-side evaluation (fwd) and of it with its VJP "
+        "w.r.t. state and parameters (fwd_bwd). model_gflop = nfe_fwd * fwd_bwd (no checkpoint "
+        "recomputation counted); fraction = achieved GFLOP/s / f32 matmul peak measured before the "
+        "cases (matmul_peak.before).")
+    with jax.default_device(jdev):
+        peak_after = matmul_peak()
+    out = write_results(name, {"settings": settings, "rows": rows,
+                               "matmul_peak": {"before": peak_before, "after": peak_after}})
     fixed = {"batch": f"T={args.t1:g}", "horizon": f"batch={args.batch}",
              None: f"batch={args.batch}, T={args.t1:g}"}[args.sweep]
     title = f"Toy N-CODE training step, {args.device}, torch threads={args.threads}, {fixed}"

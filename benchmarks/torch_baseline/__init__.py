@@ -1,15 +1,20 @@
 """PyTorch + torchdiffeq baseline for the benchmarks (needs the ``torch`` extra).
 
-:mod:`benchmarks.torch_baseline.toy` mirrors ``ncode_jax.NCODE.build(kind, MLPField(dim, hidden),
-(dim,))`` for ``kind`` in ``node``/``open``/``closed`` with the same flat-θ layout, so that the
-JAX parameters load into it unchanged (:func:`~benchmarks.torch_baseline.toy.load_jax_params`).
+The same models as ncode_jax, with the same flat-θ layouts, so that JAX parameters load unchanged
+(:func:`~benchmarks.torch_baseline.core.load_jax_params`):
+
+* :mod:`.toy` — ``ToyNCODE``: ``NCODE.build(kind, MLPField(dim, hidden), (dim,))``, kind
+  ``node``/``open``/``closed``;
+* :mod:`.conv` — ``ConvNCODE``: ``ncode_jax.models.image_classifier(kind, image_shape)``, kind
+  ``node``/``anode``/``open``/``closed``, per-sample kernels the fastest measured way;
+* :mod:`.latent_flow` — ``LatentFlow``: the AutoN-CODE latent flow ``dx/dt = A(θ) x``
+  (``SparseLinearField``).
 """
 
-from .toy import (
-    ToyNCODE,
-    grads_as_jax_tree,
-    load_jax_params,
-    solve_toy,
-)
+from .conv import ConvNCODE, per_sample_conv3x3
+from .core import grads_as_jax_tree, load_jax_params
+from .latent_flow import LatentFlow
+from .toy import ToyNCODE, solve_toy
 
-__all__ = ["ToyNCODE", "grads_as_jax_tree", "load_jax_params", "solve_toy"]
+__all__ = ["ConvNCODE", "LatentFlow", "ToyNCODE", "grads_as_jax_tree", "load_jax_params",
+           "per_sample_conv3x3", "solve_toy"]

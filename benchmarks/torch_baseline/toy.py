@@ -29,47 +29,16 @@ The benchmarks use ``torch.optim.Adam(fused=True)`` (111 vs 269 µs per update h
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-import torchdiffeq
 from torch import nn
 
+from .core import grads_as_jax_tree, load_jax_params, mlp, mlp_leaves, mlp_params, odeint_final
+
+__all__ = ["KINDS", "ToyNCODE", "grads_as_jax_tree", "load_jax_params", "solve_toy"]
+
 KINDS = ("node", "open", "closed")
-
-
-def _mlp_params(sizes: Sequence[int], dtype) -> nn.ParameterList:
-    """``[w0, b0, w1, b1, ...]`` with ``w`` of shape ``(in, out)`` (LeCun normal), zero ``b``."""
-    out = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        out.append(nn.Parameter(torch.randn(n_in, n_out, dtype=dtype) / math.sqrt(n_in)))
-        out.append(nn.Parameter(torch.zeros(n_out, dtype=dtype)))
-    return nn.ParameterList(out)
-
-
-def _mlp(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """tanh MLP on the last axis; no activation after the last layer."""
-    n = len(params) // 2
-    for i in range(n):
-        x = torch.addmm(params[2 * i + 1], x, params[2 * i])
-        if i < n - 1:
-            x = torch.tanh(x)
-    return x
-
-
-class _Counted(nn.Module):
-    """Wraps a right-hand side ``fn(t, y)`` and counts its calls (forward and adjoint)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-        self.nfe = 0
-
-    def forward(self, t, y):
-        self.nfe += 1
-        return self.fn(t, y)
 
 
 class ToyNCODE(nn.Module):
@@ -96,9 +65,9 @@ class ToyNCODE(nn.Module):
                         "w2": (d * h + h, 2 * d * h + h), "b2": (2 * d * h + h, 2 * d * h + h + d)}
         self.P = 2 * d * h + h + d
         self.theta = nn.Parameter(torch.zeros(self.P, dtype=dtype))  # θ̄
-        self.hyper = _mlp_params((d, *ctrl_hidden, self.P), dtype) if kind == "open" else None
+        self.hyper = mlp_params((d, *ctrl_hidden, self.P), dtype) if kind == "open" else None
         self.feedback = (
-            _mlp_params((self.P + d + 1, *feedback_hidden, self.P), dtype) if kind == "closed" else None
+            mlp_params((self.P + d + 1, *feedback_hidden, self.P), dtype) if kind == "closed" else None
         )
         self.last_nfe = 0
 
@@ -134,14 +103,14 @@ class ToyNCODE(nn.Module):
     def initial_theta(self, x0: torch.Tensor) -> torch.Tensor:
         """θ(0): ``(P,)`` (node, closed) or ``(B, P)`` (open: θ̄ + MLP(x0))."""
         if self.kind == "open":
-            return self.theta + _mlp(self.hyper, x0)
+            return self.theta + mlp(self.hyper, x0)
         return self.theta
 
     def g(self, t, theta, x):
         """``g(θ, x, t) = MLP([θ, x, t])`` (reference form, used by tests)."""
         b = x.shape[0]
         inp = torch.cat([theta.expand(b, self.P), x, t.reshape(1, 1).expand(b, 1).to(x.dtype)], 1)
-        return _mlp(self.feedback, inp)
+        return mlp(self.feedback, inp)
 
     # -- the ODE right-hand side ---------------------------------------------------------------
     def rhs(self, x0: torch.Tensor):
@@ -198,92 +167,25 @@ class ToyNCODE(nn.Module):
         backwards). Field evaluations of the last call (forward, plus the adjoint's during the
         backward pass) accumulate in ``self.last_nfe``/``self.counter.nfe``."""
         func, y0, adjoint_params, unpack = self.rhs(x0)
-        self.counter = _Counted(func)
-        t = torch.tensor([0.0, t1], dtype=x0.dtype, device=x0.device)
-        if solver == "rk4":
-            if dt is None:
-                raise ValueError("rk4 is fixed-step: pass dt")
-            kw = dict(method="rk4", options=dict(step_size=dt))
-        else:
-            if dt is not None:
-                raise ValueError("adaptive solvers take rtol/atol, not dt")
-            kw = dict(method=solver, rtol=rtol, atol=atol)
-        if adjoint:
-            ys = torchdiffeq.odeint_adjoint(self.counter, y0, t, adjoint_params=adjoint_params, **kw)
-        else:
-            ys = torchdiffeq.odeint(self.counter, y0, t, **kw)
+        yt, self.counter = odeint_final(func, y0, t1=t1, solver=solver, dt=dt, rtol=rtol, atol=atol,
+                                        adjoint=adjoint, adjoint_params=adjoint_params)
         self.last_nfe = self.counter.nfe
-        return unpack(ys[-1])
+        return unpack(yt)
+
+    def jax_leaves(self):
+        """``(path, tensor)`` pairs in the order of the JAX params PyTree (``NCODE.init``)."""
+        out = [(("initial", "theta"), self.theta)]
+        if self.kind == "open":
+            out += mlp_leaves(("initial", "mlp"), self.hyper)
+        if self.kind == "closed":
+            out += mlp_leaves(("feedback", "mlp"), self.feedback)
+        return out
+
+    def __repr__(self):
+        return f"ToyNCODE({self.kind!r}, dim={self.dim}, hidden={self.hidden})"
 
 
 def solve_toy(model: ToyNCODE, x0, **kw) -> tuple[torch.Tensor, int]:
     """``(x(T), forward NFE)``; keyword arguments as :meth:`ToyNCODE.forward`."""
     xt = model(x0, **kw)
     return xt, model.last_nfe
-
-
-def _jax_leaves(model: ToyNCODE):
-    """``(path, tensor)`` pairs in the order of the JAX params PyTree."""
-    out = [(("initial", "theta"), model.theta)]
-    if model.kind == "open":
-        for i in range(len(model.hyper) // 2):
-            out += [(("initial", "mlp", i, "w"), model.hyper[2 * i]),
-                    (("initial", "mlp", i, "b"), model.hyper[2 * i + 1])]
-    if model.kind == "closed":
-        for i in range(len(model.feedback) // 2):
-            out += [(("feedback", "mlp", i, "w"), model.feedback[2 * i]),
-                    (("feedback", "mlp", i, "b"), model.feedback[2 * i + 1])]
-    return out
-
-
-def load_jax_params(model: ToyNCODE, params) -> ToyNCODE:
-    """Copy a JAX params PyTree (``NCODE.init`` output, arrays or NumPy) into ``model``, in place.
-
-    Raises a ValueError on a missing or extra entry (e.g. closed-loop params for an open-loop
-    model) or a shape mismatch."""
-    leaves = _jax_leaves(model)
-    given = dict(_iter_arrays(params))
-    expected = {path for path, _ in leaves}
-    if set(given) != expected:
-        fmt = lambda ps: ", ".join("/".join(map(str, p)) for p in sorted(ps, key=str))  # noqa: E731
-        raise ValueError(
-            f"JAX params do not fit ToyNCODE({model.kind!r}): missing [{fmt(expected - set(given))}], "
-            f"unexpected [{fmt(set(given) - expected)}]"
-        )
-    with torch.no_grad():
-        for path, p in leaves:
-            a = np.asarray(given[path])
-            if tuple(a.shape) != tuple(p.shape):
-                raise ValueError(f"params{list(path)} has shape {a.shape}, expected {tuple(p.shape)}")
-            p.copy_(torch.as_tensor(np.array(a), dtype=p.dtype, device=p.device))
-    return model
-
-
-def _iter_arrays(tree, path=()):
-    """``(path, leaf)`` for every non-None leaf of nested dicts/lists."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _iter_arrays(v, (*path, k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from _iter_arrays(v, (*path, i))
-    elif tree is not None:
-        yield path, tree
-
-
-def grads_as_jax_tree(model: ToyNCODE) -> dict:
-    """The ``.grad`` of every parameter as NumPy, in the JAX params PyTree's structure
-    (zeros where a parameter got no gradient)."""
-
-    def g(p):
-        return np.zeros(tuple(p.shape), np.float32) if p.grad is None else p.grad.detach().numpy().copy()
-
-    def mlp(ps):
-        return [{"w": g(ps[2 * i]), "b": g(ps[2 * i + 1])} for i in range(len(ps) // 2)]
-
-    tree = {"initial": {"theta": g(model.theta)}}
-    if model.kind == "open":
-        tree["initial"]["mlp"] = mlp(model.hyper)
-    if model.kind == "closed":
-        tree["feedback"] = {"mlp": mlp(model.feedback)}
-    return tree

@@ -1,0 +1,245 @@
+"""Conv-block N-CODE classifier training step: JAX (ncode_jax + diffrax + optax) vs PyTorch
+(``benchmarks/torch_baseline/conv.py`` + torchdiffeq + Adam).
+
+One training step = forward solve + read-out + cross-entropy + backward + Adam update, on the
+paper's MNIST classifier (sec. 5.2: 28×28×1 images augmented by 10 zero channels, conv block
+11→50→50→11 with per-sample kernels (open/closed) or shared ones (node/anode), γ/g with 10 hidden
+units, linear read-out of x(T)), random images and labels, the same weights on both sides (the JAX
+init loaded into torch), the same batch, solver and tolerances. Cases: kinds (default open and
+closed) × solvers (default rk4 with dt = 0.25 on [0, 1]: 16 forward evaluations on both sides;
+``dopri5`` adaptive with ``--rtol``/``--atol`` on request) × {JAX ``checkpoint`` vs torch
+``odeint``, JAX ``backsolve`` vs torch ``odeint_adjoint``}.
+
+JAX's step is one ``jax.jit``; torch runs eagerly with ``torch.set_num_threads(--threads)`` and the
+per-sample convolution ``--torch-conv`` (default: the fastest measured, see
+``benchmarks/torch_baseline/conv.py``). Steps are interleaved per repeat; medians after a warm-up
+call; first-call time (JAX: trace + compile + run) reported separately; NFE forward and, for
+torch, of the backward pass.
+
+Fraction of the hardware limit: model FLOPs per step = forward NFE × the XLA cost analysis of one
+evaluation of the right-hand side with its VJP (``benchmarks.common.eval_flops``; recomputation
+by checkpointing not counted, like MFU), divided by the step time and by the f32 matmul peak
+measured in the same run (``benchmarks.common.matmul_peak``).
+
+    python -m benchmarks.conv_step [--batch 64] [--repeats 5] [--threads 2] [--device cpu]
+                                   [--kinds open closed] [--solvers rk4 dopri5] [--adjoints ...]
+
+Writes ``benchmarks/results/conv_step<tag>.json`` and a ``.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+
+import jax
+import numpy as np
+import optax
+
+from ncode_jax.models.image import IMAGE_KINDS, image_classifier
+
+from .common import (
+    RESULTS,
+    eval_flops,
+    hardware_fraction,
+    interleaved,
+    matmul_peak,
+    pick_devices,
+    require_torch,
+    summarize,
+    time_fn,
+    write_results,
+)
+
+PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -> torch call
+SOLVERS = ("rk4", "dopri5")
+
+
+def build_case(kind, solver, adjoint, *, args, jdev, tdev):
+    import torch
+
+    from .torch_baseline import ConvNCODE, load_jax_params
+
+    shape = (args.size, args.size, 1)
+    clf = image_classifier(kind, shape, hidden=args.hidden)
+    dt = args.dt if solver == "rk4" else None
+    solve_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol, adjoint=adjoint)
+    params = jax.device_put(clf.init(jax.random.key(0)), jdev)
+    images = jax.device_put(jax.random.uniform(jax.random.key(1), (args.batch, *shape)), jdev)
+    labels = jax.device_put(jax.random.randint(jax.random.key(2), (args.batch,), 0, 10), jdev)
+    opt = optax.adam(args.lr)
+    opt_state = jax.device_put(opt.init(params), jdev)
+
+    def loss_fn(p, x, y):
+        logits, sol = clf(p, x, **solve_kw)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), sol.stats["nfe"]
+
+    @jax.jit
+    def jstep(p, s, x, y):
+        (loss, nfe), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
+        updates, s = opt.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss, nfe
+
+    tmodel = load_jax_params(ConvNCODE(kind, shape, hidden=args.hidden, conv_impl=args.torch_conv),
+                             jax.device_get(params)).to(tdev)
+    topt = torch.optim.Adam(tmodel.parameters(), lr=args.lr, fused=True)
+    tx = torch.as_tensor(np.array(images), device=tdev)
+    ty = torch.as_tensor(np.array(labels), device=tdev, dtype=torch.long)
+    p0 = [p.detach().clone() for p in tmodel.parameters()]
+    torch_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol,
+                    adjoint=adjoint == "backsolve")
+    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+
+    def tstep():
+        topt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(tmodel(tx, **torch_kw), ty)
+        loss.backward()
+        topt.step()
+        sync()
+        return loss.detach()
+
+    def treset():
+        with torch.no_grad():
+            for p, q in zip(tmodel.parameters(), p0):
+                p.copy_(q)
+
+    # FLOPs of one right-hand-side evaluation (+ VJP), from the loop-free twin of the field
+    flow = clf.flow
+    twin = dataclasses.replace(flow, field=dataclasses.replace(flow.field, impl="reference"))
+    flops = eval_flops(twin, params["flow"], images)
+    return dict(jax=(lambda: jstep(params, opt_state, images, labels), lambda: None),
+                torch=(tstep, treset), tmodel=tmodel, flops=flops)
+
+
+def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
+    case = build_case(kind, solver, adjoint, args=args, jdev=jdev, tdev=tdev)
+    fns = {"jax": case["jax"], "torch": case["torch"]}
+    row = {"kind": kind, "solver": solver, "dt": args.dt if solver == "rk4" else None,
+           "rtol": None if solver == "rk4" else args.rtol, "atol": None if solver == "rk4" else args.atol,
+           "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": args.batch, "t1": args.t1,
+           "torch_conv": args.torch_conv, "eval_flops": case["flops"]}
+    warm = {k: time_fn(lambda c=call, r=reset: (r(), c())[1], repeats=1) for k, (call, reset) in fns.items()}
+    _, _, jloss, jnfe = case["jax"][0]()
+    case["torch"][1]()
+    tloss = case["torch"][0]()
+    tm = case["tmodel"]
+    row["jax"] = {"first_call_s": warm["jax"]["compile_s"], "nfe_fwd": int(jnfe), "loss": float(jloss)}
+    row["torch"] = {"first_call_s": warm["torch"]["compile_s"], "nfe_fwd": tm.last_nfe,
+                    "nfe_bwd": tm.counter.nfe - tm.last_nfe, "loss": float(tloss)}
+    times = interleaved(fns, args.repeats)
+    for k in fns:
+        row[k].update(summarize(times[k]))
+        model_flops = row[k]["nfe_fwd"] * case["flops"]["fwd_bwd"]
+        row[k].update(hardware_fraction(model_flops, row[k]["median_ms"], peak))
+    row["ratio_torch_over_jax"] = round(row["torch"]["median_ms"] / row["jax"]["median_ms"], 2)
+    row["ratio_median_of_pairs"] = round(statistics.median(
+        t / j for t, j in zip(times["torch"], times["jax"])), 2)
+    return row
+
+
+def fmt_row(r) -> str:
+    j, t = r["jax"], r["torch"]
+    return (f"{r['kind']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
+            f"B={r['batch']:<4d} JAX {j['median_ms']:8.1f} ms (nfe {j['nfe_fwd']:3d}, first "
+            f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak)  torch "
+            f"{t['median_ms']:8.1f} ms (nfe {t['nfe_fwd']:3d}+{t['nfe_bwd']:3d}, "
+            f"{100 * t['fraction_of_matmul_peak']:4.1f}%)  torch/JAX {r['ratio_torch_over_jax']:5.2f}  "
+            f"loss {j['loss']:.4f}/{t['loss']:.4f}")
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.6))
+    x = np.arange(len(rows))
+    jm = [r["jax"]["median_ms"] for r in rows]
+    tm = [r["torch"]["median_ms"] for r in rows]
+    ax.bar(x - 0.2, jm, 0.4, label="JAX (jit, diffrax)", color="tab:blue")
+    ax.bar(x + 0.2, tm, 0.4, label="PyTorch (torchdiffeq)", color="tab:orange")
+    for i, r in enumerate(rows):
+        ax.text(i, max(jm[i], tm[i]) * 1.03, f"{r['ratio_torch_over_jax']:.2f}×", ha="center", fontsize=9)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r['kind']} {r['solver']}\n{r['jax_adjoint']}\nvs {r['torch_call']}\n"
+                        f"fwd NFE {r['jax']['nfe_fwd']}/{r['torch']['nfe_fwd']}" for r in rows], fontsize=8)
+    ax.set_ylabel("ms per training step (median)")
+    ax.set_ylim(0, max(jm + tm) * 1.2)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title + "\n(number above bars: torch / JAX)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from .torch_baseline.conv import CONV_IMPLS, DEFAULT_CONV_IMPL
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=28, help="image height = width (MNIST-like, 1 channel)")
+    p.add_argument("--hidden", type=int, default=50, help="conv block width")
+    p.add_argument("--t1", type=float, default=1.0, help="horizon T")
+    p.add_argument("--dt", type=float, default=0.25, help="rk4 step size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (JAX uses all cores)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--kinds", nargs="+", choices=IMAGE_KINDS, default=["open", "closed"])
+    p.add_argument("--solvers", nargs="+", choices=SOLVERS, default=["rk4"])
+    p.add_argument("--adjoints", nargs="+", choices=tuple(PAIRS), default=list(PAIRS),
+                   help="JAX adjoints (checkpoint pairs with odeint, backsolve with odeint_adjoint)")
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--torch-conv", choices=CONV_IMPLS, default=DEFAULT_CONV_IMPL,
+                   help="torch per-sample convolution")
+    p.add_argument("--tag", default="", help="suffix for the output file names")
+    args = p.parse_args(argv)
+    require_torch("benchmarks.conv_step")
+    import torch
+
+    jax.config.update("jax_enable_x64", False)
+    torch.set_num_threads(args.threads)
+    jdev, tdev = pick_devices(args.device)
+    print(f"JAX {jax.__version__} on {jdev} | torch {torch.__version__} on {tdev}, "
+          f"{torch.get_num_threads()} thread(s), conv {args.torch_conv} | repeats {args.repeats}", flush=True)
+    load_start = os.getloadavg()
+    with jax.default_device(jdev):
+        peak_before = matmul_peak()
+    print(f"f32 matmul peak: {peak_before['gflops']:.1f} GFLOP/s", flush=True)
+    rows = []
+    for kind in args.kinds:
+        for solver in args.solvers:
+            for adjoint in args.adjoints:
+                row = run_case(kind, solver, adjoint, args=args, jdev=jdev, tdev=tdev,
+                               peak=peak_before["gflops"])
+                rows.append(row)
+                print(fmt_row(row), flush=True)
+    with jax.default_device(jdev):
+        peak_after = matmul_peak()
+    settings = dict(vars(args))
+    settings["torch"] = torch.__version__
+    settings["loadavg_1_5_15_start_end"] = [list(load_start), list(os.getloadavg())]
+    settings["jax_cpu_threads"] = "XLA default (all cores)"
+    settings["flops_notes"] = (
+        "eval_flops: XLA cost analysis of one right-hand-side evaluation (fwd) and of it with its VJP "
+        "w.r.t. state and parameters (fwd_bwd), loop-free twin of the field (impl='reference'). "
+        "model_gflop = nfe_fwd * fwd_bwd (no checkpoint recomputation counted); fraction = "
+        "achieved GFLOP/s / f32 matmul peak measured before the cases (matmul_peak.before).")
+    name = "conv_step" + args.tag
+    out = write_results(name, {"settings": settings, "matmul_peak": {"before": peak_before,
+                                                                     "after": peak_after},
+                               "rows": rows})
+    png = RESULTS / f"{name}.png"
+    plot(rows, png, f"Conv N-CODE classifier training step, {args.device}, batch {args.batch}, "
+                    f"{args.size}x{args.size}, torch threads={args.threads}, conv={args.torch_conv}")
+    print(f"matmul peak before/after: {peak_before['gflops']:.1f}/{peak_after['gflops']:.1f} GFLOP/s")
+    print(f"wrote {out} and {png}")
+
+
+if __name__ == "__main__":
+    main()

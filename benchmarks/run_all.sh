@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run the JAX-vs-PyTorch benchmark suite once and write benchmarks/results/*_<device>.json/.png.
+#
+#   bash benchmarks/run_all.sh --device gpu     # one GPU (sized for < 8 min on one H200; untested)
+#   bash benchmarks/run_all.sh --device cpu     # this project's 2-core CPU machines (~1 h)
+#
+# Needs the torch extra (pip install -e '.[torch]'); on a GPU machine a CUDA jaxlib and a CUDA
+# build of torch==2.13.0 (the project pins the CPU wheel, so install those there first). The
+# scripts exit with a clear message when a backend is missing. Run from the repository root.
+set -euo pipefail
+DEVICE=cpu
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    *) echo "usage: $0 [--device cpu|gpu]" >&2; exit 2 ;;
+  esac
+done
+[[ "$DEVICE" == cpu || "$DEVICE" == gpu ]] || { echo "--device must be cpu or gpu" >&2; exit 2; }
+TAG="_${DEVICE}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the accelerator's memory
+run() { echo "+ $* (load: $(cut -d' ' -f1-3 /proc/loadavg))"; local t=$SECONDS; "$@"; echo "  took $((SECONDS - t)) s"; }
+cd "$(dirname "$0")/.."
+
+run python -m benchmarks.toy_step --device "$DEVICE" --repeats 20 --no-backward-count --tag "$TAG"
+run python -m benchmarks.toy_step --device "$DEVICE" --sweep batch --loops closed --solvers rk4 --tag "$TAG"
+run python -m benchmarks.conv_step --device "$DEVICE" --kinds open closed --solvers rk4 --tag "$TAG"
+run python -m benchmarks.conv_step --device "$DEVICE" --kinds open --solvers dopri5 --adjoints checkpoint \
+    --tag "${TAG}_adaptive"
+run python -m benchmarks.latent_flow_step --device "$DEVICE" --tag "$TAG"
+if [[ "$DEVICE" == cpu ]]; then  # CPU-only studies (process RSS; torch variants on CPU tensors)
+  run python -m benchmarks.conv_block --torch --skip-naive
+  run python -m benchmarks.memory
+fi
+echo "done: results in benchmarks/results/*${TAG}*.json"
