@@ -305,9 +305,9 @@ def _as_torch_state_dict(variables):
     for key, value in inc.flatten_params(variables).items():
         layer, kind, leaf = key.rsplit("/", 2)
         layer = layer.replace("/", ".")
-        value = np.asarray(value)
+        value = np.array(value)  # a writable copy (torch.from_numpy needs one)
         if kind == "conv":
-            sd[f"{layer}.conv.weight"] = value.transpose(3, 2, 0, 1)
+            sd[f"{layer}.conv.weight"] = np.ascontiguousarray(value.transpose(3, 2, 0, 1))
         else:
             sd[f"{layer}.bn.{names[leaf]}"] = value
     return sd

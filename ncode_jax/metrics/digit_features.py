@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from ..data.images import BatchIterator, Dataset
+from .batching import map_batches
 from .fid import fid_from_features
 
 __all__ = [
@@ -179,16 +180,7 @@ class DigitFeatureExtractor:
         params = jax.tree.map(jnp.asarray, self.params)
         mean = jnp.asarray(self.mean, jnp.float32)
         std = jnp.asarray(self.std, jnp.float32)
-        n = x.shape[0]
-        b = min(int(batch_size), n)
-        out = []
-        for start in range(0, n, b):
-            chunk = x[start : start + b]
-            real = chunk.shape[0]
-            if real < b:  # pad to one shape: one compilation
-                chunk = np.concatenate([chunk, np.zeros((b - real, *chunk.shape[1:]), np.float32)])
-            out.append(np.asarray(fn(params, jnp.asarray(chunk), mean, std))[:real])
-        return np.concatenate(out)
+        return map_batches(lambda chunk: fn(params, jnp.asarray(chunk), mean, std), x, batch_size)
 
     def features(self, images, *, batch_size: int = 1000) -> np.ndarray:
         """Penultimate-layer features ``(N, feature_dim)`` float32 of images ``(N, H, W, C)`` in [0, 1]."""

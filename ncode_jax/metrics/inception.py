@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .batching import map_batches
+
 __all__ = [
     "INCEPTION_FEATURE_DIM",
     "INCEPTION_SIZE",
@@ -387,13 +389,4 @@ def inception_features(
             f"inception_features: with size=None images must be at least {_MIN_SIZE}×{_MIN_SIZE}, "
             f"got {x.shape}"
         )
-    n = x.shape[0]
-    b = min(int(batch_size), n)
-    out = []
-    for start in range(0, n, b):
-        chunk = x[start : start + b].astype(np.float32)
-        real = chunk.shape[0]
-        if real < b:
-            chunk = np.concatenate([chunk, np.zeros((b - real, *chunk.shape[1:]), np.float32)])
-        out.append(np.asarray(_apply_jit(variables, chunk, size))[:real])
-    return np.concatenate(out)
+    return map_batches(lambda chunk: _apply_jit(variables, chunk, size), x.astype(np.float32), batch_size)
