@@ -1,6 +1,6 @@
 """AutoN-CODE, vanilla AE and VAE on the embedded ``mnist5k`` set (4,000 train / 1,000 held-out
 digits), sized for 2 CPU cores: the paper's MNIST coders (table A.1: MLP 400, latent 25,
-Bernoulli likelihood) with a shorter budget (15 epochs instead of 50) and the latent flow solved
+Bernoulli likelihood) with a shorter budget (30 epochs instead of 50) and the latent flow solved
 with fixed-step rk4 (dt 0.5, 20 steps on [0, 10]) instead of an adaptive solver.
 
 Commands::
@@ -23,7 +23,7 @@ def get_config() -> dict:
         widths=None,
         kernel=None,
         likelihood="bernoulli",
-        epochs=15,
+        epochs=30,
         batch_size=64,
         eval_batch_size=500,
         lr=1e-3,
