@@ -66,3 +66,38 @@ def test_cli(tmp_path, capsys):
     assert rc == 2 and "unknown model 'gan'" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no config.json"):
         autoencode.load_trained(tmp_path)
+
+
+def test_eval_rejects_more_components_than_codes(tmp_path, capsys):
+    from train import autoencode_eval
+
+    # only the config is needed: the check runs before any model is loaded
+    (tmp_path / "ae").mkdir()
+    (tmp_path / "ae" / "config.json").write_text(json.dumps({**TINY, "model": "ae", "widths": [32]}))
+    rc = autoencode_eval.main(["--workdir", str(tmp_path), "--components", "10,500"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "[500] components to the 192 latent codes of the train split" in err
+    rc = autoencode_eval.main(["--workdir", str(tmp_path / "nothing")])
+    assert rc == 2 and "holds no trained models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_end_to_end(tmp_path):
+    from train import autoencode_eval
+
+    rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir", str(tmp_path),
+                          "--set", "dataset=digits", "--set", "model=all", "--set", "widths=(32,)",
+                          "--set", "latent_dim=4", "--set", "epochs=1", "--set", "batch_size=32",
+                          "--set", "dt=2.5", "--no-progress"])
+    assert rc == 0
+    rc = autoencode_eval.main(["--workdir", str(tmp_path), "--components", "2,20", "--samples", "200",
+                               "--tsne-points", "100"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert meta["fid_name"] == "digit-feature FID"
+    got = {r["model"]: r for r in meta["results"]}
+    assert set(got) == {"ae", "vae", "ncode"}
+    assert set(got["vae"]["samplers"]) == {"GMM-2", "GMM-20", "KDE", "prior N(0,I)"}
+    assert all(s["fid"] >= 0 for r in got.values() for s in r["samplers"].values())
+    for name in ["orbit.png", "samples_ncode.png", "interpolation.png", "tsne.png", "results.md"]:
+        assert (tmp_path / "eval" / name).exists(), name
