@@ -76,8 +76,8 @@ def test_table_a1_shapes():
 
 
 @pytest.mark.parametrize("kind,coders,likelihood", [
-    ("ae", "mnist", "bernoulli"), ("vae", "mnist", "mse"), pytest.param("ncode", "small", "mse", marks=pytest.mark.slow),  # conv: slow compile
-    ("ncode", "mnist", "bernoulli")])
+    ("ae", "mnist", "bernoulli"), ("vae", "mnist", "mse"), ("ncode", "mnist", "bernoulli"),
+    pytest.param("ncode", "small", "mse", marks=pytest.mark.slow)])  # conv coders: slow compile
 def test_loss_decreases(kind, coders, likelihood, digits):
     arch = architecture(coders, latent_dim=4, widths=(32,) if coders == "mnist" else (4, 4, 4))
     m = autoencoder(kind, arch, (8, 8, 1), likelihood=likelihood, solver="rk4", dt=1.0)
