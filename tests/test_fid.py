@@ -53,6 +53,22 @@ def test_fid_closed_form_diagonal_gaussians():
     assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-12)
 
 
+def test_fid_of_samples_approaches_closed_form():
+    """Features drawn from two known (correlated) Gaussians: the estimate converges to d²."""
+    rng = np.random.default_rng(9)
+    d, n = 4, 200_000
+    l1, l2 = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    mu1, mu2 = np.zeros(d), np.full(d, 0.5)
+    s1, s2 = l1 @ l1.T, l2 @ l2.T
+    exact = frechet_distance(mu1, s1, mu2, s2)
+    r1 = linalg.sqrtm(s1).real
+    ref = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(r1 @ s2 @ r1).real)
+    assert exact == pytest.approx(ref, rel=1e-9)
+    a = mu1 + rng.normal(size=(n, d)) @ l1.T
+    b = mu2 + rng.normal(size=(n, d)) @ l2.T
+    assert fid_from_features(a, b) == pytest.approx(exact, rel=0.02)
+
+
 def test_fid_matches_scipy_sqrtm_for_full_rank():
     rng = np.random.default_rng(2)
     a = rng.normal(size=(400, 10))
@@ -204,8 +220,29 @@ def test_digit_extractor_bad_input(digit_extractor, digits):
         digit_extractor.fid(digits[1].images[:1], digits[1].images)
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         train_digit_classifier(digits[0], epochs=0)
+    with pytest.raises(ValueError, match="random_shift"):
+        train_digit_classifier(digits[0], random_shift=-1)
     with pytest.raises(TypeError, match="Dataset"):
         train_digit_classifier(digits[0].images)
+
+
+def test_random_shift_is_a_zero_filled_translation():
+    from ncode_jax.metrics.digit_features import _shift
+
+    x = np.random.default_rng(0).uniform(0.1, 1.0, size=(20, 6, 7, 1))
+    y = _shift(x, 2, np.random.default_rng(1))
+    seen = set()
+    for xi, yi in zip(x, y):
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(yi, np.roll(np.pad(xi, ((2, 2), (2, 2), (0, 0))), (dy, dx), (0, 1))[2:-2, 2:-2])
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) > 5  # offsets vary between images
+    assert _shift(x, 0, np.random.default_rng(1)) is x
 
 
 @pytest.mark.slow

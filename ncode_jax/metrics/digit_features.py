@@ -13,7 +13,8 @@ Network (NHWC, ``"SAME"`` padding, ReLU)::
     stride 2 → flatten → dense 128 (features, after ReLU) → dense num_classes (logits)
 
 (~0.5 MFLOP per 28×28 image; trains on the 4,000 mnist5k training digits in seconds on 2 cores).
-Trained with Adam on cross-entropy, deterministic given the seed (same machine and versions).
+Trained with AdamW on cross-entropy with small random translations (±1 pixel on 28×28),
+deterministic given the seed (same machine and versions).
 
 Pixel convention: :meth:`DigitFeatureExtractor.features` takes images with values in ``[0, 1]``
 (``load_dataset(..., normalize=False)``, or decoder outputs). Values far outside (below -0.5 or
@@ -111,6 +112,19 @@ def _logits(params: dict, images, mean, std):
 
 _features_jit = jax.jit(_features)
 _logits_jit = jax.jit(_logits)
+
+
+def _shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate each image by a random integer offset in [-max_shift, max_shift]² (zero fill)."""
+    if max_shift == 0:
+        return images
+    n, h, w, _ = images.shape
+    s = max_shift
+    padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)))
+    dy, dx = rng.integers(0, 2 * s + 1, size=(2, n))
+    rows = dy[:, None] + np.arange(h)[None, :]
+    cols = dx[:, None] + np.arange(w)[None, :]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _pixels01(dataset: Dataset) -> np.ndarray:
@@ -265,13 +279,17 @@ def train_digit_classifier(
     learning_rate: float = 2e-3,
     weight_decay: float = 1e-4,
     feature_dim: int = 128,
+    random_shift: int | None = None,
     verbose: bool = False,
 ) -> DigitFeatureExtractor:
     """Train the feature network on ``train_dataset`` (a training split, never the split the
     FID is evaluated against) and return the :class:`DigitFeatureExtractor`.
 
     Adam(W) with a cosine learning-rate decay over ``epochs``; batches from
-    :class:`~ncode_jax.data.images.BatchIterator` (seeded, drop-remainder). ``info`` records
+    :class:`~ncode_jax.data.images.BatchIterator` (seeded, drop-remainder), each image translated
+    by a random offset of up to ``random_shift`` pixels per axis (zero fill; 0 turns it off;
+    ``None``: ``round(min(H, W) / 20)``, i.e. 1 pixel for 28×28 MNIST — held-out mnist5k accuracy
+    0.969 → 0.977 — and none for 8×8 sklearn digits, where shifts hurt). ``info`` records
     the dataset, seed, settings, final training loss and training time (seconds, wall clock,
     including compilation).
     """
@@ -287,6 +305,10 @@ def train_digit_classifier(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("feature_dim", feature_dim)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if random_shift is None:
+        random_shift = round(min(train_dataset.image_shape[:2]) / 20)
+    if isinstance(random_shift, bool) or not isinstance(random_shift, int | np.integer) or random_shift < 0:
+        raise ValueError(f"random_shift must be a non-negative int, got {random_shift!r}")
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
 
@@ -318,8 +340,10 @@ def train_digit_classifier(
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    shift_rng = np.random.default_rng([seed, 1])
     losses = []
     for i, batch in enumerate(batches):
+        batch = batch._replace(images=_shift(batch.images, int(random_shift), shift_rng))
         params, opt_state, loss = step(
             params, opt_state, jnp.asarray(batch.images), jnp.asarray(batch.labels)
         )
@@ -341,6 +365,7 @@ def train_digit_classifier(
         "batch_size": int(batch_size),
         "learning_rate": float(learning_rate),
         "weight_decay": float(weight_decay),
+        "random_shift": int(random_shift),
         "final_train_loss": float(jnp.mean(jnp.stack(last))) if last else None,
         "train_seconds": round(time.perf_counter() - t0, 3),
     }
@@ -363,7 +388,8 @@ def load_or_train_digit_extractor(
     **train_kwargs,
 ) -> DigitFeatureExtractor:
     """Load the extractor cached at ``path`` if it was trained on ``dataset``/``split`` with the
-    same ``seed``/``epochs`` given here; otherwise train one on that split and save it there
+    same ``seed``/``epochs``/``random_shift`` as given here (those not given are not compared);
+    otherwise train one on that split and save it there
     (``path=None``: train, do not save)."""
     from ..data.images import load_dataset
 
@@ -373,7 +399,7 @@ def load_or_train_digit_extractor(
         wanted = {
             "dataset": dataset,
             "split": split,
-            **{k: train_kwargs[k] for k in ("seed", "epochs") if k in train_kwargs},
+            **{k: train_kwargs[k] for k in ("seed", "epochs", "random_shift") if k in train_kwargs},
         }
         if all(info.get(k) == v for k, v in wanted.items()):
             return extractor
@@ -395,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--random-shift", type=int, default=None, help="default: min(H, W) / 20")
     parser.add_argument("--out", default=None, help="write the extractor here (.npz)")
     args = parser.parse_args(argv)
 
@@ -403,7 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     train = load_dataset(args.dataset, args.train_split, data_dir=args.data_dir)
     test = load_dataset(args.dataset, args.test_split, data_dir=args.data_dir)
     extractor = train_digit_classifier(
-        train, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size, verbose=True
+        train,
+        seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        random_shift=args.random_shift,
+        verbose=True,
     )
     t0 = time.perf_counter()
     acc = extractor.accuracy(test)
@@ -418,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         "feature_dim": extractor.feature_dim,
         "seed": args.seed,
         "epochs": args.epochs,
+        "random_shift": extractor.info["random_shift"],
     }
     print(json.dumps(result))
     if args.out:
