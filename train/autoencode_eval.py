@@ -216,16 +216,21 @@ def evaluate_model(model_dir: Path, train, test, features: Features, real_feats,
               "latent_dim": model.latent_dim,
               "test_mse": float(np.mean((recon - test.images) ** 2)), "fid_name": features.name,
               "fit_split": fit_split, "n_fit_codes": int(codes_fit.shape[0]), "samplers": {}}
-    samplers: dict[str, object] = {f"GMM-{k}": GMMSampler(codes_fit, k, seed=seed) for k in components}
-    samplers["KDE"] = KDESampler(codes_fit, bandwidth=kde_bandwidth)
+    makers = {f"GMM-{k}": (lambda k=k: GMMSampler(codes_fit, k, seed=seed)) for k in components}
+    makers["KDE"] = lambda: KDESampler(codes_fit, bandwidth=kde_bandwidth)
     if cfg.model == "vae":
-        samplers["prior N(0,I)"] = PriorSampler(model.latent_dim)
+        makers["prior N(0,I)"] = lambda: PriorSampler(model.latent_dim)
+    samplers, fit_seconds = {}, {}
+    for name, make in makers.items():
+        t_fit = time.perf_counter()
+        samplers[name] = make()
+        fit_seconds[name] = round(time.perf_counter() - t_fit, 2)
     sample_images = {}
     if features.name is not None:
         result["fid_reconstructions"] = float(_fid(real_feats, features(recon)))
     for name, sampler in samplers.items():
         imgs = batched(lambda z: decode(variables, z), sampler.sample(n_samples, seed=seed))
-        entry = {"fit": sampler.fit_info}
+        entry = {"fit": sampler.fit_info, "fit_seconds": fit_seconds[name]}
         if features.name is not None:
             entry["fid"] = float(_fid(real_feats, features(imgs)))
         result["samplers"][name] = entry
@@ -305,9 +310,11 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
     sub = rng.choice(test.num_examples, size=min(tsne_points, test.num_examples), replace=False)
     panels = {}
     for name, a in arrays.items():
+        t_tsne = time.perf_counter()
         codes = a["codes_test"][sub]
         emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(codes)
         panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
+        print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
     plot_tsne(panels, out / "tsne.png")
     meta = {"workdir": str(workdir), "n_samples": n_samples, "components": list(components),
             "fit_split": fit_split, "test_examples": test.num_examples, "fid_name": features.name,
