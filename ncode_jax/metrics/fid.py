@@ -21,7 +21,10 @@ the sum of the singular values of ``B = Σ₂^{1/2} Σ₁^{1/2}`` (since ``BᵀB
 Taking singular values of ``B`` instead of eigenvalues of ``BᵀB`` avoids squaring: small
 eigen-directions keep full relative accuracy (identical covariances give ``|d²| ≈ 1e-13·tr Σ``
 instead of ``≈ 1e-8·tr Σ``). The final distance is clipped to ``≥ 0``. Everything is float64
-numpy. Cost: two symmetric eigen-decompositions and one SVD of ``D×D`` matrices.
+numpy. Cost: two symmetric eigen-decompositions and one SVD of ``D×D`` matrices. For D = 2048 on
+this project's busy 2-core machine: 14.8 s with ``OPENBLAS_NUM_THREADS=1`` (load average 4.5),
+42 s with OpenBLAS's default threads (load 1.4–2.5) — threads thrash on shared cores; set
+``OPENBLAS_NUM_THREADS=1`` there (see ``docs/inception_weights.md``).
 """
 
 from __future__ import annotations
