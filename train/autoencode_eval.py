@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
+from ncode_jax.metrics.batching import map_batches
 from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS, Autoencoder
 
 from .autoencode import load_data, load_trained
@@ -49,17 +50,8 @@ DIGIT_FID = "digit-feature FID"
 
 
 def batched(fn, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """``fn`` over ``x`` in fixed-size batches (the last one zero-padded: one compilation)."""
-    x = np.asarray(x)
-    b = min(batch_size, x.shape[0])
-    out = []
-    for start in range(0, x.shape[0], b):
-        chunk = x[start : start + b]
-        real = chunk.shape[0]
-        if real < b:
-            chunk = np.concatenate([chunk, np.zeros((b - real, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(fn(jnp.asarray(chunk)))[:real])
-    return np.concatenate(out)
+    """``fn`` over ``x`` in fixed-size batches (one compilation; see ``map_batches``)."""
+    return map_batches(lambda chunk: fn(jnp.asarray(chunk)), x, batch_size)
 
 
 class Features:
