@@ -47,6 +47,14 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host(template))
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def restore_raw(self) -> Any | None:
+        """The latest checkpoint as saved (nested dicts of NumPy arrays), or None if none: for
+        callers that check shapes themselves before building a template."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return self._manager.restore(step, args=ocp.args.StandardRestore())
+
     def close(self) -> None:
         self._manager.close()
 

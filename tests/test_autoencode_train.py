@@ -1,0 +1,103 @@
+"""train.autoencode: kill-and-resume equality, config and checkpoint errors (float32, as users run it)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from train import autoencode
+from train.checkpoint import Checkpointer
+
+X64 = False
+
+TINY = dict(dataset="digits", coders="mnist", widths=(32,), latent_dim=4, epochs=2, batch_size=32,
+            eval_batch_size=128, solver="rk4", dt=2.5, log_every=1, checkpoint_every=3,
+            train_examples=192)
+
+
+def tiny_config(**kw):
+    return autoencode.AutoencodeConfig.from_dict({**TINY, **kw})
+
+
+@pytest.mark.parametrize("kind", ["vae", pytest.param("ncode", marks=pytest.mark.slow)])
+def test_train_and_resume_matches_uninterrupted(kind, tmp_path, monkeypatch):
+    cfg = tiny_config(model=kind)
+    straight = autoencode.train_and_evaluate(cfg, tmp_path / "a", progress=False)
+    assert straight["steps"] == 12 and 0 < straight["test_mse"] < 0.3
+
+    real_save, saves = Checkpointer.save, []
+
+    def save_then_die(self, step, state):
+        real_save(self, step, state)
+        saves.append(step)
+        if step == 6:  # end of epoch 1 (6 steps of 32 out of 192 examples)
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        autoencode.train_and_evaluate(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert saves == [3, 6]
+    resumed = autoencode.train_and_evaluate(cfg, tmp_path / "b", progress=False)
+    assert resumed["steps"] == 12
+    assert resumed["test_mse"] == pytest.approx(straight["test_mse"], rel=1e-5)
+    _, _, va = autoencode.load_trained(tmp_path / "a")
+    _, model, vb = autoencode.load_trained(tmp_path / "b")
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
+    if kind == "vae":
+        with pytest.raises(ValueError, match="latent size 6"):
+            autoencode.load_trained(tmp_path / "b", latent_dim=6)  # checkpoint has latent size 4
+        with pytest.raises(ValueError, match="different configuration"):
+            autoencode.train_and_evaluate(tiny_config(model=kind, latent_dim=6), tmp_path / "b",
+                                          progress=False)
+
+
+def test_cli(tmp_path, capsys):
+    rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir", str(tmp_path),
+                          "--set", "epochs=0"])
+    assert rc == 2 and "epochs=0 is out of range" in capsys.readouterr().err
+    rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir", str(tmp_path),
+                          "--set", "model=gan"])
+    assert rc == 2 and "unknown model 'gan'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        autoencode.load_trained(tmp_path)
+
+
+def test_eval_rejects_more_components_than_codes(tmp_path, capsys):
+    from train import autoencode_eval
+
+    # only the config is needed: the check runs before any model is loaded
+    (tmp_path / "ae").mkdir()
+    (tmp_path / "ae" / "config.json").write_text(json.dumps({**TINY, "model": "ae", "widths": [32]}))
+    rc = autoencode_eval.main(["--workdir", str(tmp_path), "--components", "10,500"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "[500] components to the 192 latent codes of the train split" in err
+    rc = autoencode_eval.main(["--workdir", str(tmp_path / "nothing")])
+    assert rc == 2 and "holds no trained models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_end_to_end(tmp_path):
+    from train import autoencode_eval
+
+    rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir", str(tmp_path),
+                          "--set", "dataset=digits", "--set", "model=all", "--set", "widths=(32,)",
+                          "--set", "latent_dim=4", "--set", "epochs=1", "--set", "batch_size=32",
+                          "--set", "dt=2.5", "--no-progress"])
+    assert rc == 0
+    rc = autoencode_eval.main(["--workdir", str(tmp_path), "--components", "2,20", "--samples", "200",
+                               "--tsne-points", "100"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert meta["fid_name"] == "digit-feature FID"
+    got = {r["model"]: r for r in meta["results"]}
+    assert set(got) == {"ae", "vae", "ncode"}
+    assert set(got["vae"]["samplers"]) == {"GMM-2", "GMM-20", "KDE", "prior N(0,I)"}
+    assert all(s["fid"] >= 0 for r in got.values() for s in r["samplers"].values())
+    for name in ["orbit.png", "samples_ncode.png", "interpolation.png", "tsne.png", "results.md"]:
+        assert (tmp_path / "eval" / name).exists(), name

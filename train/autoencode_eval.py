@@ -1,0 +1,358 @@
+"""Evaluate trained autoencoders: reconstruction, generation FID per sampler, figures (sec. 5.3–5.4).
+
+    python -m train.autoencode_eval --workdir runs/ae5k [--components 10,100,1000] [--samples 10000]
+        [--inception-weights FILE]
+
+``--workdir`` is the work directory of ``train.autoencode`` (one sub-folder per model). For every
+model it computes
+
+* the held-out reconstruction MSE (mean over images and pixels of ``(x̂ - x)²``, pixels in [0, 1]);
+* the FID between the held-out images and ``--samples`` decoded samples of each latent sampler:
+  a Gaussian mixture with each of ``--components`` (k-means init, tol 1e-3, ≤ 100 EM iterations)
+  fitted on the latent codes of ``--fit-split`` (default the training split; the paper fitted the
+  test-set codes), a Gaussian KDE, and for the VAE its N(0, I) prior; plus the FID of the
+  held-out reconstructions.
+
+The features: with ``--inception-weights`` (see ``docs/inception_weights.md``) InceptionV3 pool3,
+reported as "FID"; otherwise, for digit sets (``mnist5k``, ``mnist``, ``digits``), the penultimate
+layer of a small classifier trained on the training split (``ncode_jax.metrics.digit_features``,
+cached in ``<workdir>/digit_features.npz``), reported as **digit-feature FID** — not comparable
+to the paper's Inception FIDs. Other sets without Inception weights get no FID.
+
+Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md`` and the figures ``orbit.png``
+(AutoN-CODE: decoded ``x(t)`` for t across [0, t1], figs. 8/A.2), ``samples_<model>.png`` (random
+samples per sampler), ``interpolation.png`` (latent interpolations between held-out pairs, fig.
+A.8) and ``tsne.png`` (t-SNE of held-out codes coloured by a 10-component GMM and by label, fig.
+A.7). Asking for more mixture components than there are codes to fit is an error (exit code 2),
+raised before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
+from ncode_jax.metrics.batching import map_batches
+from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS, Autoencoder
+
+from .autoencode import load_data, load_trained
+
+DIGIT_SETS = ("mnist5k", "mnist", "digits")
+DIGIT_FID = "digit-feature FID"
+
+
+def batched(fn, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """``fn`` over ``x`` in fixed-size batches (one compilation; see ``map_batches``)."""
+    return map_batches(lambda chunk: fn(jnp.asarray(chunk)), x, batch_size)
+
+
+class Features:
+    """The feature map of the FID and the name its numbers are reported under."""
+
+    def __init__(self, workdir: Path, dataset: str, data_dir: str | None, inception_weights: str | None):
+        self.fn = None
+        if inception_weights is not None:
+            from ncode_jax.metrics import inception
+
+            variables = inception.load_inception_params(inception_weights)
+            self.fn = lambda images: inception.inception_features(variables, images)
+            self.name = "FID"
+        elif dataset in DIGIT_SETS:
+            from ncode_jax.metrics.digit_features import load_or_train_digit_extractor
+
+            extractor = load_or_train_digit_extractor(workdir / "digit_features.npz", dataset,
+                                                      data_dir=data_dir, seed=0)
+            self.fn = extractor.features
+            self.name = DIGIT_FID
+            self.info = extractor.info
+        else:
+            self.name = None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.fn(np.clip(images, 0.0, 1.0))
+
+
+def model_dirs(workdir: Path, models: list[str] | None) -> list[Path]:
+    found = [workdir / m for m in MODEL_KINDS if (workdir / m / "config.json").exists()]
+    if models is not None:
+        unknown = [m for m in models if m not in MODEL_KINDS]
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_KINDS)}")
+        missing = [m for m in models if not (workdir / m / "config.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"{workdir} holds no trained {missing} (no <model>/config.json)")
+        found = [workdir / m for m in models]
+    if not found:
+        raise FileNotFoundError(f"{workdir} holds no trained models (expected {list(MODEL_KINDS)} folders "
+                                "written by python -m train.autoencode)")
+    return found
+
+
+def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``(rows·cols, h, w, c)`` → one ``(rows·(h+1), cols·(w+1), c)`` mosaic with 1-px gaps."""
+    n, h, w, c = images.shape
+    out = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), np.float32)
+    for i in range(min(n, rows * cols)):
+        r, q = divmod(i, cols)
+        out[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = images[i]
+    return out
+
+
+def _show(ax, img: np.ndarray) -> None:
+    img = np.clip(img, 0, 1)
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_orbit(model: Autoencoder, variables, images: np.ndarray, out: Path, steps: int = 11) -> Path:
+    """Decoded ``x(t)`` at ``steps`` times in ``[0, t1]`` (columns) for each image (rows), and
+    the ground truth in the last column (figs. 8 and A.2)."""
+    plt = _plt()
+    ts = jnp.linspace(0.0, model.t1, steps)
+    _, decoded = jax.jit(model.orbit)(variables, jnp.asarray(images), ts)
+    decoded = np.asarray(decoded)  # (T, B, h, w, c)
+    tiles = np.concatenate([decoded.transpose(1, 0, 2, 3, 4), images[:, None]], axis=1)
+    b = images.shape[0]
+    fig, ax = plt.subplots(figsize=(0.7 * (steps + 1), 0.7 * b + 0.5))
+    _show(ax, _grid(tiles.reshape(-1, *images.shape[1:]), b, steps + 1))
+    h = images.shape[2] + 1
+    ax.set_xticks([h * i + h / 2 - 1 for i in range(steps + 1)])
+    ax.set_xticklabels([f"{float(t):g}" for t in ts] + ["truth"], fontsize=7)
+    ax.set_xlabel("t (decoded latent state x(t); last column: input image)")
+    ax.set_title("AutoN-CODE: reconstructions along the controlled orbit")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_samples(label: str, rows: dict[str, np.ndarray], out: Path, cols: int = 12) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.75 * cols, 0.85 * len(rows) + 0.4), squeeze=False)
+    for ax, (name, imgs) in zip(axes[:, 0], rows.items()):
+        _show(ax, _grid(imgs[:cols], 1, cols))
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].set_title(f"{label}: random samples per latent sampler")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_interpolations(rows: dict[str, np.ndarray], out: Path) -> Path:
+    """``rows``: label → ``(steps, h, w, c)`` decoded linear interpolation between two codes."""
+    plt = _plt()
+    steps = next(iter(rows.values())).shape[0]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.75 * steps + 1.0, 0.8 * len(rows) + 0.4),
+                             squeeze=False)
+    for ax, (name, imgs) in zip(axes[:, 0], rows.items()):
+        _show(ax, _grid(imgs, 1, steps))
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].set_title("linear interpolation between the latent codes of two held-out images")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out: Path) -> Path:
+    """``panels``: label → (2-D embedding, GMM-10 component, class label)."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7.6), squeeze=False)
+    for j, (name, (emb, comp, labels)) in enumerate(panels.items()):
+        for i, (colour, what) in enumerate([(comp, "10-component GMM"), (labels, "digit label")]):
+            ax = axes[i, j]
+            ax.scatter(emb[:, 0], emb[:, 1], c=colour, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
+            ax.set_title(f"{name}: coloured by {what}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("t-SNE of held-out latent codes (fig. A.7)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def evaluate_model(model_dir: Path, train, test, features: Features, real_feats, *, components,
+                   n_samples: int, fit_split: str, kde_bandwidth, seed: int) -> tuple[dict, dict]:
+    """Metrics for one trained model and the arrays the figures need."""
+    cfg, model, variables = load_trained(model_dir, image_shape=test.image_shape)
+    latent = jax.jit(model.latent)
+    decode = jax.jit(model.decode)
+    t0 = time.perf_counter()
+    codes_test = batched(lambda x: latent(variables, x), test.images)
+    codes_fit = codes_test if fit_split == "test" else batched(lambda x: latent(variables, x), train.images)
+    recon = batched(lambda z: decode(variables, z), codes_test)
+    result = {"model": cfg.model, "label": MODEL_LABELS[cfg.model], "num_params": model.num_params(),
+              "latent_dim": model.latent_dim,
+              "test_mse": float(np.mean((recon - test.images) ** 2)), "fid_name": features.name,
+              "fit_split": fit_split, "n_fit_codes": int(codes_fit.shape[0]), "samplers": {}}
+    makers = {f"GMM-{k}": (lambda k=k: GMMSampler(codes_fit, k, seed=seed)) for k in components}
+    makers["KDE"] = lambda: KDESampler(codes_fit, bandwidth=kde_bandwidth)
+    if cfg.model == "vae":
+        makers["prior N(0,I)"] = lambda: PriorSampler(model.latent_dim)
+    samplers, fit_seconds = {}, {}
+    for name, make in makers.items():
+        t_fit = time.perf_counter()
+        samplers[name] = make()
+        fit_seconds[name] = round(time.perf_counter() - t_fit, 2)
+    sample_images = {}
+    if features.name is not None:
+        result["fid_reconstructions"] = float(_fid(real_feats, features(recon)))
+    for name, sampler in samplers.items():
+        imgs = batched(lambda z: decode(variables, z), sampler.sample(n_samples, seed=seed))
+        entry = {"fit": sampler.fit_info, "fit_seconds": fit_seconds[name]}
+        if features.name is not None:
+            entry["fid"] = float(_fid(real_feats, features(imgs)))
+        result["samplers"][name] = entry
+        sample_images[name] = imgs[:24]
+    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    arrays = {"model": model, "variables": variables, "codes_test": codes_test,
+              "samples": sample_images, "gmm10": GMMSampler(codes_test, 10, seed=seed)}
+    return result, arrays
+
+
+def _fid(a, b) -> float:
+    from ncode_jax.metrics.fid import fid_from_features
+
+    return fid_from_features(a, b)
+
+
+def results_table(results: list[dict], components) -> str:
+    fid_name = results[0]["fid_name"] or "FID (not computed)"
+    names = [f"GMM-{k}" for k in components] + ["KDE", "prior N(0,I)"]
+    head = ("| model | held-out recon. MSE | " + " | ".join(f"{fid_name} {n}" for n in names)
+            + f" | {fid_name} of reconstructions | parameters |")
+    lines = [head, "|" + "---|" * (len(names) + 4)]
+    for r in results:
+        cells = []
+        for n in names:
+            s = r["samplers"].get(n)
+            cells.append("—" if s is None or "fid" not in s else f"{s['fid']:.2f}")
+        rec = f"{r['fid_reconstructions']:.2f}" if "fid_reconstructions" in r else "—"
+        lines.append(f"| {r['label']} | {r['test_mse']:.5f} | " + " | ".join(cells)
+                     + f" | {rec} | {r['num_params']:,} |")
+    return "\n".join(lines)
+
+
+def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: int = 10000,
+        fit_split: str = "train", kde_bandwidth=None, inception_weights=None, seed: int = 0,
+        n_figure: int = 8, tsne_points: int = 1000) -> list[dict]:
+    dirs = model_dirs(workdir, models)
+    cfg0 = json.loads((dirs[0] / "config.json").read_text())
+    from .autoencode import AutoencodeConfig
+
+    train, test = load_data(AutoencodeConfig.from_dict(cfg0))
+    n_fit = test.num_examples if fit_split == "test" else train.num_examples
+    too_many = [k for k in components if k > n_fit]
+    if too_many:
+        raise ValueError(f"cannot fit Gaussian mixtures with {too_many} components to the {n_fit} latent "
+                         f"codes of the {fit_split} split: use at most {n_fit} components")
+    out = workdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    features = Features(workdir, cfg0["dataset"], cfg0.get("data_dir"), inception_weights)
+    real_feats = features(test.images) if features.name is not None else None
+    results, arrays = [], {}
+    for d in dirs:
+        print(f"evaluating {d.name} ...", file=sys.stderr, flush=True)
+        res, arr = evaluate_model(d, train, test, features, real_feats, components=components,
+                                  n_samples=n_samples, fit_split=fit_split, kde_bandwidth=kde_bandwidth,
+                                  seed=seed)
+        results.append(res)
+        arrays[d.name] = arr
+        plot_samples(res["label"], arr["samples"], out / f"samples_{d.name}.png")
+    # figures
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(test.num_examples, size=n_figure, replace=False)
+    if "ncode" in arrays:
+        a = arrays["ncode"]
+        plot_orbit(a["model"], a["variables"], test.images[pick], out / "orbit.png")
+    pairs = rng.choice(test.num_examples, size=(2, 2), replace=False)
+    interp = {}
+    w = np.linspace(0.0, 1.0, 10, dtype=np.float32)[:, None]
+    for p, (i, j) in enumerate(pairs):
+        for name, a in arrays.items():
+            z = (1 - w) * a["codes_test"][i] + w * a["codes_test"][j]
+            imgs = np.asarray(a["model"].decode(a["variables"], jnp.asarray(z)))
+            interp[f"{MODEL_LABELS[name]} (pair {p + 1})"] = imgs
+    plot_interpolations(interp, out / "interpolation.png")
+    from sklearn.manifold import TSNE
+
+    sub = rng.choice(test.num_examples, size=min(tsne_points, test.num_examples), replace=False)
+    panels = {}
+    for name, a in arrays.items():
+        t_tsne = time.perf_counter()
+        codes = a["codes_test"][sub]
+        emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(codes)
+        panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
+        print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
+    plot_tsne(panels, out / "tsne.png")
+    meta = {"workdir": str(workdir), "n_samples": n_samples, "components": list(components),
+            "fit_split": fit_split, "test_examples": test.num_examples, "fid_name": features.name,
+            "feature_extractor": getattr(features, "info", None), "results": results}
+    (out / "eval.json").write_text(json.dumps(meta, indent=2))
+    (out / "results.md").write_text(results_table(results, components) + "\n")
+    return results
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the work directory of python -m train.autoencode")
+    p.add_argument("--models", default=None, help="comma list (default: every trained model found)")
+    p.add_argument("--components", default="10,100,1000", help="GMM component counts, comma list")
+    p.add_argument("--samples", type=int, default=10000, help="generated images per sampler")
+    p.add_argument("--fit-split", choices=("train", "test"), default="train",
+                   help="codes the samplers are fitted to (the paper used the test set)")
+    p.add_argument("--kde-bandwidth", type=float, default=None,
+                   help="KDE width in per-dimension standardised units (default: Scott's rule)")
+    p.add_argument("--inception-weights", default=None, help=".npz InceptionV3 weights (standard FID)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tsne-points", type=int, default=1000)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        components = tuple(int(k) for k in args.components.split(",") if k)
+        if not components or min(components) < 1:
+            raise ValueError(f"--components must be positive integers, got {args.components!r}")
+        if args.samples < 2:
+            raise ValueError(f"--samples must be >= 2, got {args.samples}")
+        models = args.models.split(",") if args.models else None
+        results = run(Path(args.workdir), models=models, components=components, n_samples=args.samples,
+                      fit_split=args.fit_split, kde_bandwidth=args.kde_bandwidth,
+                      inception_weights=args.inception_weights, seed=args.seed,
+                      tsne_points=args.tsne_points)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(results_table(results, components))
+    print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
+          "interpolation.png, tsne.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
