@@ -106,10 +106,14 @@ def autoncode():
 
 CASES = {"ncode_open_classifier": ncode_open_classifier, "node_classifier": node_classifier,
          "autoncode": autoncode}
+# Adam's first step, lr * g / (|g| + eps), turns rounding noise into +-lr wherever the true gradient
+# is 0 (AutoN-CODE: every bias right before a batch norm; measured params_rel 0.038 from those
+# leaves though grads agree to 3e-6), so that case checks the update with plain SGD.
+OPTIMIZERS = {"autoncode": "sgd"}
 DEFAULT_CASES = ["ncode_open_classifier", "autoncode"]
 
 
-def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
+def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3, optimizer: str = "adam") -> dict:
     """Relative errors between one Adam step on one device and the same step data-parallel over
     all devices (batch sharded, params and optimizer state replicated), on the same global batch."""
     import jax
@@ -117,7 +121,7 @@ def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
 
     from train.parallel import DataParallel
 
-    opt = optax.adam(lr)
+    opt = getattr(optax, optimizer)(lr)
     has_aux = isinstance(jax.eval_shape(loss_fn, params, batch), tuple)
 
     def step(params, batch):
@@ -135,8 +139,13 @@ def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
     sharded = jax.device_get(compiled(placed_params, placed_batch))
 
     def rel(a, b):
-        return max(float(np.linalg.norm(np.ravel(x) - np.ravel(y)) / max(np.linalg.norm(np.ravel(y)), 1e-30))
-                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+        """Max over leaves of ||x - y|| / max(||y||, 1% of the whole tree's norm): a leaf far
+        smaller than the rest (a bias right before a batch norm, whose true gradient is 0 and whose
+        computed one is rounding noise ~1e-7 on either side) is measured against the tree's scale."""
+        pairs = [(np.ravel(x).astype(np.float64), np.ravel(y).astype(np.float64))
+                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+        floor = max(1e-2 * float(np.sqrt(sum(np.sum(y**2) for _, y in pairs))), 1e-30)
+        return max(float(np.linalg.norm(x - y) / max(np.linalg.norm(y), floor)) for x, y in pairs)
 
     return {"num_devices": dp.num_devices,
             "shards_per_batch": len(placed_batch[0].addressable_shards),
@@ -147,13 +156,15 @@ def compare_sharded_step(loss_fn, params, batch, *, lr: float = 1e-3) -> dict:
             "grads_rel": rel(sharded[1], single[1]), "params_rel": rel(sharded[2], single[2]),
             "aux_rel": rel(sharded[3], single[3]) if has_aux else None,
             "aux_leaves": len(jax.tree.leaves(single[3])),
-            "dtype": str(jax.tree.leaves(single[1])[0].dtype)}
+            "dtype": str(jax.tree.leaves(single[1])[0].dtype), "optimizer": optimizer}
 
 
 def run_equivalence(cases: list[str]) -> None:
     for name in cases:
         loss_fn, params, batch = CASES[name]()
-        print(json.dumps({"case": name, **compare_sharded_step(loss_fn, params, batch)}), flush=True)
+        print(json.dumps({"case": name, **compare_sharded_step(loss_fn, params, batch,
+                                                               optimizer=OPTIMIZERS.get(name, "adam"))}),
+              flush=True)
     print(json.dumps({"case": "errors", **error_messages()}), flush=True)
 
 
@@ -284,8 +295,11 @@ def run_autoencode(workdir: str, out: str) -> None:
         rows = [json.loads(x) for x in (Path(workdir) / name / "metrics.jsonl").read_text().splitlines()]
         variables = autoencode.load_trained(Path(workdir) / name, image_shape=(8, 8, 1))[2]
         runs[name] = (summary, [r["loss"] for r in rows if r["kind"] == "train"], jax.tree.leaves(variables))
-    rel = max(float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(np.linalg.norm(np.asarray(b)), 1e-30))
-              for a, b in zip(runs["all"][2], runs["one"][2], strict=True))
+    # whole-tree relative difference (per leaf, the biases before a batch norm, 0 + two Adam steps
+    # of +-lr from rounding noise, differ by ~100% between the runs without changing the model)
+    diff = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+               for a, b in zip(runs["all"][2], runs["one"][2], strict=True))
+    rel = float(np.sqrt(diff / sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in runs["one"][2])))
     Path(out).write_text(json.dumps({"summaries": {k: v[0] for k, v in runs.items()},
                                      "losses": {k: v[1] for k, v in runs.items()},
                                      "variables_rel": rel, "leaves": len(runs["one"][2])}))
