@@ -12,6 +12,13 @@ position) every ``checkpoint_every`` steps and at every epoch end. Re-running th
 after a kill resumes from the last checkpoint; the randomness (data order, the VAE's noise) is a
 pure function of ``(seed, epoch)`` and ``(seed, step)``, so a resumed run equals an uninterrupted
 one. Generation, FID and figures: ``python -m train.autoencode_eval --workdir <workdir>``.
+
+Data-parallel over ``num_devices`` devices (default: all) and over several processes with
+``--coordinator-address/--num-processes/--process-id``, as ``train.classify`` (see
+``train/parallel.py`` and the README). Batch normalisation needs nothing special: its batch mean
+and variance are ``jnp.mean`` over the global (sharded) batch inside the jitted step, so XLA
+reduces them across devices and they equal the single-device statistics
+(``tests/test_parallel.py`` checks the updated ``batch_stats`` too).
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from ncode_jax.models.coders import ARCHITECTURES, architecture
 from ncode_jax.solve import ADJOINTS
 from ncode_jax.solvers import SOLVERS
 
+from . import parallel
 from .checkpoint import Checkpointer, check_run_config
 from .classify import _drop_metrics_after
 from .config import apply_overrides, load_config_file
 from .utils import MetricsWriter
 
-RESUMABLE_CHANGES = ("epochs", "log_every", "checkpoint_every", "eval_batch_size")
+RESUMABLE_CHANGES = ("epochs", "log_every", "checkpoint_every", "eval_batch_size", "num_devices")
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class AutoencodeConfig:
     train_examples: int | None = None  # use only the first N training examples (quick runs)
     log_every: int = 20
     checkpoint_every: int = 200
+    num_devices: int | None = None  # data-parallel over this many devices; None: all of them
 
     def __post_init__(self):
         choices = {"dataset": KNOWN_DATASETS, "model": MODEL_KINDS, "coders": sorted(ARCHITECTURES),
@@ -90,6 +99,9 @@ class AutoencodeConfig:
                 raise ValueError(f"config value {name}={getattr(self, name)} is out of range: must be > 0")
         if self.dt is not None and not 0 < self.dt <= self.t1:
             raise ValueError(f"config value dt={self.dt} is out of range: need 0 < dt <= t1 (or None)")
+        if self.num_devices is not None and self.num_devices < 1:
+            raise ValueError(f"config value num_devices={self.num_devices} is out of range: must be >= 1 "
+                             "(or None for all devices)")
         if self.train_examples is not None and self.train_examples < self.batch_size:
             raise ValueError(f"train_examples={self.train_examples} is smaller than batch_size")
 
@@ -123,10 +135,12 @@ def load_data(cfg: AutoencodeConfig) -> tuple[Dataset, Dataset]:
 
 
 @functools.lru_cache(maxsize=8)
-def make_steps(model: Autoencoder, lr: float, seed: int):
+def make_steps(model: Autoencoder, lr: float, seed: int, dp: parallel.DataParallel | None = None):
     """The Adam optimizer and the jitted init, train and eval steps; the VAE's noise key is
-    ``fold_in(key(seed), step)``. Cached per ``(model, lr, seed)``, so runs of one process (a
-    resume, several models) compile each step once."""
+    ``fold_in(key(seed), step)``. With ``dp`` the train step ``(variables, opt_state, images,
+    step)`` and the eval step ``(variables, images, mask)`` take batches sharded over its mesh and
+    replicated variables. Cached per ``(model, lr, seed, dp)``, so runs of one process (a resume,
+    several models) compile each step once."""
     base = jax.random.key(seed)
     optimizer = optax.adam(lr)
 
@@ -148,17 +162,26 @@ def make_steps(model: Autoencoder, lr: float, seed: int):
         sq = jnp.mean(((rec - images) ** 2).reshape(images.shape[0], -1), axis=-1)
         return jnp.sum(sq * mask), out.solution.stats["nfe"] if out.solution is not None else 0
 
+    if dp is not None:
+        train_step = dp.jit(train_step, batch_argnums=(2,))
+        eval_step = dp.jit(eval_step, batch_argnums=(1, 2))
     return optimizer, jax.jit(model.init), train_step, eval_step
 
 
-def evaluate(eval_step, variables, dataset: Dataset, batch_size: int) -> dict:
-    """Held-out reconstruction MSE: mean over images and pixels of ``(x̂ - x)²`` in ``[0, 1]``."""
-    it = BatchIterator(dataset, min(batch_size, dataset.num_examples), seed=0, shuffle=False,
-                       drop_remainder=False, num_epochs=1)
+def evaluate(eval_step, variables, dataset: Dataset, batch_size: int,
+             dp: parallel.DataParallel | None = None) -> dict:
+    """Held-out reconstruction MSE: mean over images and pixels of ``(x̂ - x)²`` in ``[0, 1]``.
+    With ``dp`` the batch is padded up to a multiple of the device count (padding rows are masked
+    out and batch norm uses its running averages here, so the numbers do not change)."""
+    batch_size = min(batch_size, dataset.num_examples)
+    if dp is not None:
+        batch_size = dp.round_up(batch_size)
+    it = BatchIterator(dataset, batch_size, seed=0, shuffle=False, drop_remainder=False, num_epochs=1)
     total = count = 0.0
     nfes = []
     for batch in it:
-        s, nfe = eval_step(variables, batch.images, batch.mask)
+        arrays = (batch.images, batch.mask)
+        s, nfe = eval_step(variables, *(dp.shard_batch(*arrays) if dp is not None else arrays))
         total += float(s)
         count += float(batch.mask.sum())
         nfes.append(int(nfe))
@@ -174,10 +197,12 @@ def train_and_evaluate(cfg: AutoencodeConfig, workdir: str | Path, *, progress: 
     """Train one model (resuming from ``workdir``), evaluate every epoch, return the summary."""
     t_start = time.perf_counter()
     workdir = Path(workdir)
-    check_run_config(workdir / "config.json", asdict(cfg), ignore=RESUMABLE_CHANGES)
+    dp = parallel.DataParallel.create(cfg.num_devices)
+    dp.check_batch(cfg.batch_size, "batch_size")
+    check_run_config(workdir / "config.json", asdict(cfg), ignore=RESUMABLE_CHANGES, write=dp.is_main)
     train, test = load_data(cfg)
     model = build_model(cfg, train.image_shape)
-    optimizer, init, train_step, eval_step = make_steps(model, cfg.lr, cfg.seed)
+    optimizer, init, train_step, eval_step = make_steps(model, cfg.lr, cfg.seed, dp)
     it = BatchIterator(train, cfg.batch_size, seed=cfg.seed, shuffle=True, drop_remainder=True)
     steps_per_epoch = train.num_examples // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
@@ -192,9 +217,10 @@ def train_and_evaluate(cfg: AutoencodeConfig, workdir: str | Path, *, progress: 
     data_state = it.state()
     data_state.update(epoch=int(state["epoch"]), index=int(state["index"]))
     it.restore(data_state)
-    variables, opt_state = state["variables"], state["opt_state"]
-    metrics = MetricsWriter(workdir / "metrics.jsonl")
-    _drop_metrics_after(workdir / "metrics.jsonl", step)
+    variables, opt_state = dp.replicate((state["variables"], state["opt_state"]))
+    metrics = MetricsWriter(workdir / "metrics.jsonl", enabled=dp.is_main)
+    if dp.is_main:
+        _drop_metrics_after(workdir / "metrics.jsonl", step)
 
     def wall() -> float:
         return prior_wall + time.perf_counter() - t_start
@@ -203,12 +229,12 @@ def train_and_evaluate(cfg: AutoencodeConfig, workdir: str | Path, *, progress: 
         st = it.state()
         ckpt.save(step, _state(variables, opt_state, step, st["epoch"], st["index"], wall()))
 
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not progress,
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not (progress and dp.is_main),
                desc=f"{cfg.dataset}/{cfg.model}", file=sys.stderr, dynamic_ncols=True)
     last_eval = None
     while step < total_steps:
         batch = next(it)
-        variables, opt_state, loss, m = train_step(variables, opt_state, batch.images, step)
+        variables, opt_state, loss, m = train_step(variables, opt_state, *dp.shard_batch(batch.images), step)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -221,22 +247,25 @@ def train_and_evaluate(cfg: AutoencodeConfig, workdir: str | Path, *, progress: 
                           loss=loss, **row, wall_time=round(wall(), 2))
         epoch_end = step % steps_per_epoch == 0
         if epoch_end:
-            last_eval = evaluate(eval_step, variables, test, cfg.eval_batch_size)
+            last_eval = evaluate(eval_step, variables, test, cfg.eval_batch_size, dp)
             metrics.write(kind="eval", model=cfg.model, step=step, epoch=step // steps_per_epoch,
                           **last_eval, wall_time=round(wall(), 2))
-            bar.write(f"{cfg.model} epoch {step // steps_per_epoch}: held-out reconstruction MSE "
-                      f"{last_eval['test_mse']:.5f}")
+            if dp.is_main:
+                bar.write(f"{cfg.model} epoch {step // steps_per_epoch}: held-out reconstruction MSE "
+                          f"{last_eval['test_mse']:.5f}")
         if epoch_end or step % cfg.checkpoint_every == 0:
             save()
     bar.close()
     ckpt.close()
     if last_eval is None:  # resumed a finished run: evaluate its final variables once more
-        last_eval = evaluate(eval_step, variables, test, cfg.eval_batch_size)
+        last_eval = evaluate(eval_step, variables, test, cfg.eval_batch_size, dp)
     summary = {"dataset": cfg.dataset, "model": cfg.model, "epochs": cfg.epochs, "steps": step,
                **last_eval, "wall_time_s": round(wall(), 1), "num_params": model.num_params(),
                "latent_dim": model.latent_dim, "train_examples": train.num_examples,
-               "test_examples": test.num_examples}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+               "test_examples": test.num_examples, "num_devices": dp.num_devices,
+               "num_processes": dp.num_processes}
+    if dp.is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -283,12 +312,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable); model may be a comma list or 'all'")
     p.add_argument("--no-progress", action="store_true")
+    parallel.add_distributed_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = apply_overrides(load_config_file(args.config), args.set)
         models = list(MODEL_KINDS) if raw["model"] == "all" else raw["model"].split(",")
         configs = [AutoencodeConfig.from_dict({**raw, "model": m}) for m in models]
@@ -298,6 +329,8 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir)
     summaries = [train_and_evaluate(cfg, workdir / cfg.model, progress=not args.no_progress)
                  for cfg in configs]
+    if jax.process_index() != 0:  # only process 0 writes the reports
+        return 0
     (workdir / "summary.json").write_text(json.dumps(summaries, indent=2))
     (workdir / "results.md").write_text(results_table(summaries) + "\n")
     print(results_table(summaries))
