@@ -43,7 +43,7 @@ def test_ncode_fits_reflection(reflection_results, model):
     assert reflection_results[0][model]["test_mse"] < 1e-3
 
 
-@pytest.mark.slow  # ~65 s on 2 cores; the reflection tests above keep the expressivity claim in the default run
+@pytest.mark.slow  # ~65 s on 2 cores; the reflection tests keep the expressivity claim in the default run
 @pytest.mark.parametrize("model", ["open", "closed"])
 def test_ncode_separates_annuli(annuli_results, model):
     assert annuli_results[0][model]["test_accuracy"] >= 0.99
