@@ -210,12 +210,23 @@ def _adjoint(name: str, checkpoints: int | None, backward_controller) -> diffrax
 # ---------------------------------------------------------------------------------------------
 
 
+def _error_token(preds: Array, msgs: tuple[str, ...]) -> Array:
+    """A scalar 0 that raises ``msgs[i]`` for the first true ``preds[i]`` (one conditional)."""
+    if len(msgs) == 1:
+        return eqx.error_if(jnp.zeros(()), preds[0], msgs[0])
+    index = jnp.argmax(preds)  # the first true check names the cause
+    return eqx.branched_error_if(jnp.zeros(()), jnp.any(preds), index, msgs)
+
+
+def _add_token(tree, token: Array):
+    return jax.tree.map(lambda a: a + token.astype(a.dtype) if _inexact(a) else a, tree)
+
+
 def _error_if(tree, pred: Array, msg: str):
     """``eqx.error_if(tree, pred, msg)``, but the check's conditional carries a scalar that is then
     added (as 0) to ``tree``: the conditional is pinned to one device, and carrying a batch-sharded
     array through it would gather the whole batch there in every data-parallel step."""
-    token = eqx.error_if(jnp.zeros(()), pred, msg)
-    return jax.tree.map(lambda a: a + token.astype(a.dtype) if _inexact(a) else a, tree)
+    return _add_token(tree, _error_token(jnp.reshape(pred, (1,)), (msg,)))
 
 
 def _inexact(a) -> bool:
@@ -223,27 +234,32 @@ def _inexact(a) -> bool:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _guard(tree, pred: Array, msg: str):
-    """Raise ``msg`` if ``pred``; the check also survives every transformation.
+def _guard_impl(tree, preds: Array, msgs: tuple[str, ...]):
+    return _add_token(tree, _error_token(preds, msgs))
+
+
+@_guard_impl.defjvp
+def _guard_jvp(msgs, primals, tangents):
+    tree, preds = primals
+    tree_dot, _ = tangents
+    token = _error_token(preds, msgs)
+    out_dot = jax.tree.map(
+        lambda a, da: da * (1 + token.astype(da.dtype)) if _inexact(a) else da, tree, tree_dot
+    )
+    return _add_token(tree, token), out_dot
+
+
+def _guard(tree, checks: list[tuple[Array, str]]):
+    """Raise the message of the first failing ``(pred, msg)`` check, in one conditional; the
+    check also survives every transformation.
 
     ``eqx.error_if`` passes tangents through untouched, so under ``jax.jit(jax.grad(f))``
     nothing that the gradient needs depends on the check and XLA removes it. Here the tangent is
     scaled by ``1 + token`` (``token`` is the check's output, 0): still linear in the tangent, so
     forward and reverse mode both work, and the backward pass needs ``token`` as a residual.
     """
-    return _error_if(tree, pred, msg)
-
-
-@_guard.defjvp
-def _guard_jvp(msg, primals, tangents):
-    tree, pred = primals
-    tree_dot, _ = tangents
-    token = eqx.error_if(jnp.zeros(()), pred, msg)
-    out = jax.tree.map(lambda a: a + token.astype(a.dtype) if _inexact(a) else a, tree)
-    out_dot = jax.tree.map(
-        lambda a, da: da * (1 + token.astype(da.dtype)) if _inexact(a) else da, tree, tree_dot
-    )
-    return out, out_dot
+    preds = jnp.stack([jnp.asarray(p, bool).reshape(()) for p, _ in checks])
+    return _guard_impl(tree, preds, tuple(m for _, m in checks))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -567,8 +583,7 @@ def solve(
                 (jnp.any((ts < lo) | (ts > hi)), "ts must lie in [t0, t1]"),
                 (jnp.any(jnp.diff(ts) * direction < 0), "ts must run in the direction of integration"),
             ]
-        for pred, what in checks:
-            inputs = _guard(inputs, pred, f"ncode_jax.solve: {what}")
+        inputs = _guard(inputs, [(pred, f"ncode_jax.solve: {what}") for pred, what in checks])
         x0, theta0, feedback, cost_args, t0, t1, ts, tols = inputs
         if dt is None:
             rtol, atol = tols
@@ -613,33 +628,23 @@ def solve(
         if throw:
             mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol.stats["num_accepted_steps"], 1)
             collapsed = jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step
-            ys = _guard(
-                ys, nonfinite,
-                "ncode_jax.solve: the dynamics produced NaN or inf from finite inputs: the vector "
-                "field is undefined or overflows at a state the solver tried (e.g. sqrt/log of a "
-                "negative value, exp overflow) — fix the field or its weights; more steps will not help",
-            )
-            ys = _guard(
-                ys, ~ok & ~nonfinite & collapsed,
-                f"ncode_jax.solve: the step size collapsed: the {solver} solver kept rejecting steps "
-                "at one time (stiff or non-smooth dynamics, or a solution that blows up in finite time); "
-                "more max_steps will not help — use a "
-                "solver suited to the dynamics, looser tolerances, or smoother dynamics",
-            )
-            ys = _guard(
-                ys, steps_out & ~nonfinite & ~collapsed,
-                f"ncode_jax.solve: the {solver} solver used all max_steps={max_steps} steps before "
-                f"reaching t1 while still making progress; raise it with solve(..., max_steps=N) or "
-                f"{budget}",
-            )
-            ys = _guard(
-                ys, ~ok & ~steps_out & ~nonfinite & ~collapsed,
-                "ncode_jax.solve: diffrax could not finish the solve",
-            )
-            ys = _guard(
-                ys, ok & ~nonfinite & _not_finite(ys),
-                "ncode_jax.solve: the solution contains NaN or inf",
-            )
+            ys = _guard(ys, [  # in order: the first true one names the cause
+                (nonfinite,
+                 "ncode_jax.solve: the dynamics produced NaN or inf from finite inputs: the vector "
+                 "field is undefined or overflows at a state the solver tried (e.g. sqrt/log of a "
+                 "negative value, exp overflow) — fix the field or its weights; more steps will not help"),
+                (~ok & collapsed,
+                 f"ncode_jax.solve: the step size collapsed: the {solver} solver kept rejecting steps "
+                 "at one time (stiff or non-smooth dynamics, or a solution that blows up in finite "
+                 "time); more max_steps will not help — use a solver suited to the dynamics, looser "
+                 "tolerances, or smoother dynamics"),
+                (steps_out,
+                 f"ncode_jax.solve: the {solver} solver used all max_steps={max_steps} steps before "
+                 f"reaching t1 while still making progress; raise it with solve(..., max_steps=N) or "
+                 f"{budget}"),
+                (~ok, "ncode_jax.solve: diffrax could not finish the solve"),
+                (_not_finite(ys), "ncode_jax.solve: the solution contains NaN or inf"),
+            ])
         n = sol.stats["num_steps"]
         code = jnp.where(ok & ~nonfinite, RESULT_CODES["successful"],
                          jnp.where(steps_out, RESULT_CODES["max_steps_reached"], RESULT_CODES["failed"]))
