@@ -54,6 +54,7 @@ always arrives as an argument (DESIGN.md fact 9).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -109,7 +110,6 @@ class ModuleLayout(ParamLayout):
 
     treedef: Any = None
     initial: _FrozenArray | None = None
-    std: _FrozenArray | None = None
     init_fn: Callable[[PRNGKeyArray], Any] | None = None
 
     def unflatten_tree(self, theta: Float[Array, "*batch P"]) -> Any:
@@ -152,7 +152,17 @@ class ModuleLayout(ParamLayout):
     def init_std(self, dtype=jnp.float32) -> Float[Array, " P"]:
         """Per entry: the standard deviation of its leaf's initial values (pooled over 8 draws of
         ``init_fn`` when given, else over the one PyTree the field was built from)."""
-        return jnp.asarray(self.std.array, dtype)
+        return jnp.asarray(_layout_std(self), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_std(layout: ModuleLayout) -> np.ndarray:
+    """Computed once per layout, on first use (layouts are hashable), not at construction."""
+    draws = layout.initial.array[None]
+    if layout.init_fn is not None:
+        keys = jax.random.split(jax.random.key(0), 8)
+        draws = np.asarray(jax.vmap(lambda k: layout.flatten_tree(layout.init_fn(k), "init_fn(key)"))(keys))
+    return _leaf_std(layout.specs, np.asarray(draws, np.float64))
 
 
 def _leaf_std(specs, draws: np.ndarray) -> np.ndarray:
@@ -282,17 +292,8 @@ class ModuleField(VectorField):
         self.apply_fn = apply_fn
         self.batch_apply_fn = batch_apply_fn
         self._state_shape = state_shape
-        draws = initial[None]
-        if init_fn is not None:
-            probe = ModuleLayout(tuple(specs), treedef=treedef)
-            keys = jax.random.split(jax.random.key(0), 8)
-            draws = np.asarray(jax.vmap(lambda k: probe.flatten_tree(init_fn(k), "init_fn(key)"))(keys))
         self._layout = ModuleLayout(
-            tuple(specs),
-            treedef=treedef,
-            initial=_FrozenArray(initial),
-            std=_FrozenArray(_leaf_std(specs, np.asarray(draws, np.float64))),
-            init_fn=init_fn,
+            tuple(specs), treedef=treedef, initial=_FrozenArray(initial), init_fn=init_fn
         )
         self._check_apply(params)
 
