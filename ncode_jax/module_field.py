@@ -160,8 +160,11 @@ def _layout_std(layout: ModuleLayout) -> np.ndarray:
     """Computed once per layout, on first use (layouts are hashable), not at construction."""
     draws = layout.initial.array[None]
     if layout.init_fn is not None:
-        keys = jax.random.split(jax.random.key(0), 8)
-        draws = np.asarray(jax.vmap(lambda k: layout.flatten_tree(layout.init_fn(k), "init_fn(key)"))(keys))
+        with jax.ensure_compile_time_eval():  # constants only: runs eagerly even inside jit(model.init)
+            keys = jax.random.split(jax.random.key(0), 8)
+            draws = np.asarray(
+                jax.vmap(lambda k: layout.flatten_tree(layout.init_fn(k), "init_fn(key)"))(keys)
+            )
     return _leaf_std(layout.specs, np.asarray(draws, np.float64))
 
 

@@ -292,6 +292,25 @@ def test_every_controller_matches_mlpfield(fields, kind):
         _close(a, b)
 
 
+@pytest.mark.slow  # one forward compile per solver (~2-5 s each on 2 cores)
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "rk4", "bosh3", "tsit5", "dopri5", "dopri8"])
+def test_every_solver_and_vmapped_batch_mode(fields, solver):
+    mlp, mod, _ = fields
+    x0, th = _normal(16, (B, D)), 0.5 * _normal(17, (B, mlp.num_params))
+    opts = {"solver": solver, "dt": 0.25} if solver in ("euler", "rk4") else {"solver": solver, "rtol": 1e-7}
+
+    @jax.jit
+    def run(x0, th):
+        a = nc.solve(nc.Dynamics(mlp), x0, th, **opts).x
+        b = nc.solve(nc.Dynamics(mod), x0, _to_module(mlp, mod, th), **opts).x
+        c = nc.solve(nc.Dynamics(mod), x0, _to_module(mlp, mod, th), **opts, batch="vmap").x
+        return a, b, c
+
+    a, b, c = run(x0, th)
+    _close(b, a)
+    np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)  # per-sample steps: equal to tolerance
+
+
 # ---------------------------------------------------------------------------------------------
 # Pure functions (e.g. Equinox), time dependence
 # ---------------------------------------------------------------------------------------------
