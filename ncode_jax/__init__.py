@@ -13,7 +13,7 @@ from .layout import ParamLayout, ParamSpec
 from .module_field import ModuleField, ModuleLayout
 from .ncode import NCODE
 from .nn import mlp_apply, mlp_init
-from .solve import Solution, nfe_count, solve
+from .solve import Solution, SolveConfig, check_options, nfe_count, solve
 from .solvers import RK4, SOLVERS
 
 __version__ = "0.1.0"
@@ -34,11 +34,13 @@ __all__ = [
     "ParamLayout",
     "ParamSpec",
     "Solution",
+    "SolveConfig",
     "SparseLinearField",
     "State",
     "StaticInit",
     "VectorField",
     "augment",
+    "check_options",
     "dense",
     "mlp_apply",
     "mlp_init",
