@@ -82,40 +82,35 @@ def test_block_params_stats_and_sow(x):
     net = Tiny(field, return_stats=True)
     model = nc.NCODE.build("open", field, (2,), augment=1, hidden=(4,))
 
-    @jax.jit  # one compilation for init, apply and the reference
+    @jax.jit  # one compilation: init (which runs the block once) and the reference solve
     def run(x):
-        variables = net.init(jax.random.key(0), x)
-        (out, stats), state = net.apply(variables, x, mutable=["intermediates"])
+        (out, stats), variables = net.init_with_output(jax.random.key(0), x, mutable=True)
         h = nn.Dense(2).apply({"params": variables["params"]["Dense_0"]}, x)
         want = model(variables["params"]["NCODEBlock_0"]["ncode"], h, solver="rk4", dt=0.5).x
-        return variables, out, stats, state, want
+        return variables, out, stats, want
 
-    variables, out, stats, state, want = run(x)
+    variables, out, stats, want = run(x)
     ncode_params = variables["params"]["NCODEBlock_0"]["ncode"]
     assert set(ncode_params["initial"]) == {"theta", "mlp"}  # θ̄ and γ live in the Flax variables
     assert out.shape == (5, 3) and out.dtype == jnp.float32  # augmented state: 2 + 1 channels
     assert int(stats["nfe"]) == 8  # rk4, 2 steps
-    sown = state["intermediates"]["NCODEBlock_0"]["solve_stats"][0]
+    sown = variables["intermediates"]["NCODEBlock_0"]["solve_stats"][0]  # sow: collection 'intermediates'
     assert int(sown["num_steps"]) == 2
     np.testing.assert_allclose(out, want, rtol=1e-6)  # the same maths as the NCODE it wraps
 
 
-def test_block_with_module_field_open_closed_loop(x):
+def test_block_with_module_field_open_loop(x):
     class F(nn.Module):
         @nn.compact
         def __call__(self, x):
             return nn.Dense(x.shape[-1])(jnp.tanh(nn.Dense(4)(x)))
 
     field = nc.ModuleField.from_flax(F(), jnp.zeros((1, 3)), jax.random.key(1))
-    net = Tiny(field, kind="open_closed")  # hypernetwork γ and feedback g on a ModuleField
+    net = Tiny(field, kind="open")  # hypernetwork γ on a ModuleField (closed loop: test_module_field, slow)
 
-    @jax.jit  # init under jit: the field's init_std must not need concrete values of traced ones
-    def run(x):
-        variables = net.init(jax.random.key(0), x)
-        return variables, net.apply(variables, x)
-
-    variables, out = run(x)
-    assert set(variables["params"]["NCODEBlock_0"]["ncode"]) == {"initial", "feedback"}
+    # init under jit: the field's init_std must not need concrete values of traced ones
+    out, variables = jax.jit(net.init_with_output)(jax.random.key(0), x)
+    assert set(variables["params"]["NCODEBlock_0"]["ncode"]["initial"]) == {"theta", "mlp"}
     assert out.shape == (5, 3) and bool(jnp.all(jnp.isfinite(out)))
 
 
