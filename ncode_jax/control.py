@@ -17,8 +17,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .fields import activation
 from .layout import ParamLayout
 from .nn import mlp_apply, mlp_init
+
+
+def _check_mlp(who: str, in_name: str, in_size, hidden) -> tuple[int, ...]:
+    """Validate an MLP controller's sizes; returns ``hidden`` as a tuple (hashable)."""
+    if isinstance(in_size, bool) or not isinstance(in_size, int) or in_size < 1:
+        raise ValueError(f"{who}: {in_name} must be a positive integer, got {in_size!r}")
+    try:
+        widths = tuple(hidden)
+    except TypeError:
+        raise ValueError(f"{who}: hidden must be a tuple of layer widths, got {hidden!r}") from None
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"{who}: hidden widths must be positive integers, got hidden={hidden!r}")
+    return widths
 
 
 def augment(x: Array, extra: int) -> Array:
@@ -59,6 +74,10 @@ class Hypernetwork:
     hidden: tuple[int, ...] = (32,)
     act: str = "tanh"
 
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", _check_mlp("Hypernetwork", "in_size", self.in_size, self.hidden))
+        activation(self.act)
+
     def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict:
         k_base, k_mlp = jax.random.split(key)
         sizes = (self.in_size, *self.hidden, self.layout.size)
@@ -90,6 +109,10 @@ class Feedback:
     hidden: tuple[int, ...] = (32,)
     act: str = "tanh"
     out_scale: float = 0.1
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", _check_mlp("Feedback", "x_size", self.x_size, self.hidden))
+        activation(self.act)
 
     def init(self, key: PRNGKeyArray, dtype=jnp.float32) -> dict:
         sizes = (self.layout.size + self.x_size + 1, *self.hidden, self.layout.size)

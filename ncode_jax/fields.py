@@ -17,16 +17,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .layout import ParamLayout, ParamSpec
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
-    "relu": lambda u: jnp.maximum(u, 0),
-    "softplus": lambda u: jnp.logaddexp(u, 0.0),
-    "sigmoid": lambda u: 1 / (1 + jnp.exp(-u)),
+    "relu": jax.nn.relu,
+    "softplus": jax.nn.softplus,
+    "sigmoid": jax.nn.sigmoid,  # stable for large |u| (a hand-written 1/(1+exp(-u)) gives NaN grads)
     "identity": lambda u: u,
 }
 
@@ -37,6 +39,13 @@ def activation(name: str) -> Callable[[Array], Array]:
         return ACTIVATIONS[name]
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def _check_positive(who: str, **sizes) -> None:
+    """``ValueError`` naming the first size that is not a positive integer."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{who}: {name} must be a positive integer, got {name}={value!r}")
 
 
 def dense(x: Array, w: Array, b: Array | None = None) -> Array:
@@ -96,8 +105,7 @@ class MLPField(VectorField):
 
     def __post_init__(self):
         activation(self.act)
-        if self.dim < 1 or self.hidden < 1:
-            raise ValueError(f"MLPField needs dim >= 1 and hidden >= 1, got {self.dim}, {self.hidden}")
+        _check_positive("MLPField", dim=self.dim, hidden=self.hidden)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -127,6 +135,9 @@ class LinearField(VectorField):
     """``f(t, x, θ) = A(θ) x`` with a dense ``A`` of shape ``(dim, dim)``."""
 
     dim: int
+
+    def __post_init__(self):
+        _check_positive("LinearField", dim=self.dim)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -159,6 +170,9 @@ class SparseLinearField(VectorField):
     offsets: tuple[int, ...] = (0, 1)
 
     def __post_init__(self):
+        _check_positive("SparseLinearField", dim=self.dim)
+        if not self.offsets:
+            raise ValueError("SparseLinearField needs at least one offset (non-zero per row)")
         cols = {o % self.dim for o in self.offsets}
         if len(cols) != len(self.offsets):
             raise ValueError(f"offsets {self.offsets} repeat a column modulo dim={self.dim}")

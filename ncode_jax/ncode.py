@@ -40,6 +40,8 @@ class NCODE:
     def __post_init__(self):
         if self.initial.layout != self.field.layout:
             raise ValueError("NCODE: the initial controller's layout does not match the field's")
+        if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
+            raise ValueError(f"NCODE: augment must be an integer >= 0, got {self.augment!r}")
 
     @classmethod
     def build(
@@ -60,6 +62,11 @@ class NCODE:
             raise ValueError(f"unknown model kind {kind!r}; choose one of {list(KINDS)}")
         if kind == "node" and augment:
             raise ValueError("a NODE has no augmentation; use kind='anode'")
+        if not isinstance(data_shape, (tuple, list)) or not data_shape:
+            raise ValueError(
+                f"data_shape must be one input sample's shape, a non-empty tuple such as (2,) or "
+                f"(28, 28, 1); got {data_shape!r}"
+            )
         layout = field.layout
         if kind in ("open", "open_closed"):
             initial = Hypernetwork(layout, math.prod(data_shape), hidden)
@@ -96,16 +103,68 @@ class NCODE:
             params["feedback"] = self.feedback.init(k_fb, dtype)
         return params
 
+    def check_params(self, params) -> None:
+        """``ValueError`` unless ``params`` has the parts this model needs (from :meth:`init`)."""
+        need = ["initial"] + (["feedback"] if self.feedback is not None else [])
+        if not isinstance(params, dict):
+            raise ValueError(f"NCODE params must be the dict of model.init(key), got {type(params).__name__}")
+        missing = [k for k in need if params.get(k) is None]
+        if missing:
+            kind = "closed-loop " if self.feedback is not None else ""
+            raise ValueError(
+                f"this {kind}NCODE needs params with keys {need} (from model.init(key)); "
+                f"missing {missing}"
+            )
+
     def initial_theta(self, params: dict, x0: Array) -> Array:
         """θ(0): ``(P,)`` for a static initial controller, ``(B, P)`` for a hypernetwork."""
+        self.check_params(params)
         return self.initial(params["initial"], x0)
 
     def __call__(self, params: dict, x0: Array, *, cost_args=None, **solve_options) -> Solution:
         """Solve from data ``x0`` of shape ``(B, *data_shape)``; ``solve_options`` go to
-        :func:`~ncode_jax.solve.solve` (``t1``, ``ts``, ``solver``, ``dt``, ``adjoint``, ...)."""
+        :func:`~ncode_jax.solve.solve` (``t0``, ``t1``, ``ts``, ``solver``, ``dt``, ``adjoint``, ...;
+        ``**SolveConfig(...).kwargs()`` gives them all).
+
+        Raises:
+          ValueError: ``x0`` not batched or of the wrong sample shape, ``params`` without the
+            parts this model needs, and everything :func:`~ncode_jax.solve.solve` raises.
+        """
         if x0.ndim < 2:
             raise ValueError(f"x0 must be batched, shape (batch, *data_shape); got {tuple(x0.shape)}")
         self.check_data_shape(tuple(x0.shape[1:]))
         theta0 = self.initial_theta(params, x0)
         solve_params = {"feedback": params.get("feedback"), "cost": cost_args}
         return solve(self.dynamics, augment(x0, self.augment), theta0, solve_params, **solve_options)
+
+    def inverse(self, params: dict, x_t1: Array, theta_t1: Array | None = None, *, t0: float = 0.0,
+                t1: float = 1.0, **solve_options) -> Solution:
+        """Integrate the flow backwards from ``t1`` to ``t0``: recover ``x(t0)`` from ``x(t1)``.
+
+        The flow of an ODE is invertible; N-CODE's is too once the weights at ``t1`` are known,
+        since ``(x, θ)`` together follow one ODE. Pass ``x_t1`` (``(B, *state_shape)``, the
+        *augmented* state, e.g. ``sol.x``) and ``theta_t1``: ``sol.theta`` for ``open``,
+        ``closed`` and ``open_closed`` models (θ(t1), per sample); ``None`` for ``node`` and
+        ``anode``, whose θ is the learned constant. Returns the :class:`Solution` of the
+        backward solve, whose ``x`` is ``x(t0)`` (augmented channels included); a running cost
+        is not integrated (``cost`` is None).
+
+        Accuracy: the backward solve is a new numerical solve, so ``x(t0)`` is recovered to the
+        solver's accuracy (``tests/test_reverse_time.py``: 1e-6 with tight tolerances), not exactly.
+
+        Raises:
+          ValueError: a missing ``theta_t1`` for a model whose θ depends on the input, and
+            everything :func:`~ncode_jax.solve.solve` raises.
+        """
+        if theta_t1 is None:
+            if not isinstance(self.initial, StaticInit) or self.feedback is not None:
+                raise ValueError(
+                    "NCODE.inverse: this model's weights depend on the input or move in time; pass "
+                    "theta_t1=sol.theta from the forward solve"
+                )
+            self.check_params(params)
+            theta_t1 = params["initial"]["theta"]
+        self.check_params(params)
+        solve_params = {"feedback": params.get("feedback")}
+        dynamics = Dynamics(self.field, self.feedback)
+        return solve(dynamics, x_t1, theta_t1, solve_params, t0=t1, t1=t0, **solve_options)

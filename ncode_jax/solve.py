@@ -222,29 +222,28 @@ def _inexact(a) -> bool:
     return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _guard_impl(tree, pred, msg):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _guard(tree, pred: Array, msg: str):
+    """Raise ``msg`` if ``pred``; the check also survives every transformation.
+
+    ``eqx.error_if`` passes tangents through untouched, so under ``jax.jit(jax.grad(f))``
+    nothing that the gradient needs depends on the check and XLA removes it. Here the tangent is
+    scaled by ``1 + token`` (``token`` is the check's output, 0): still linear in the tangent, so
+    forward and reverse mode both work, and the backward pass needs ``token`` as a residual.
+    """
     return _error_if(tree, pred, msg)
 
 
-def _guard_fwd(tree, pred, msg):
-    return _error_if(tree, pred, msg), pred
-
-
-def _guard_bwd(msg, pred, ct):
-    return _error_if(ct, pred, msg), None
-
-
-_guard_impl.defvjp(_guard_fwd, _guard_bwd)
-
-
-def _guard(tree, pred: Array, msg: str):
-    """Raise ``msg`` if ``pred``, in the forward pass *and* again in the backward pass.
-
-    Under ``jax.jit(jax.grad(f))`` the forward check's result may be unused and removed by XLA;
-    the backward copy feeds the gradient, so it runs whenever a gradient is computed.
-    """
-    return _guard_impl(tree, pred, msg)
+@_guard.defjvp
+def _guard_jvp(msg, primals, tangents):
+    tree, pred = primals
+    tree_dot, _ = tangents
+    token = eqx.error_if(jnp.zeros(()), pred, msg)
+    out = jax.tree.map(lambda a: a + token.astype(a.dtype) if _inexact(a) else a, tree)
+    out_dot = jax.tree.map(
+        lambda a, da: da * (1 + token.astype(da.dtype)) if _inexact(a) else da, tree, tree_dot
+    )
+    return out, out_dot
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -293,9 +292,13 @@ class _Monitor(diffrax.AbstractStepSizeController):
 
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
         inner_state, bad, t_now, _ = controller_state
-        keep, next_t0, next_t1, jump, inner_state, result = self.inner.adapt_step_size(
+        keep, next_t0, next_t1, jump, new_inner, result = self.inner.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
         )
+        # diffrax's PID controller computes part of its state in the default float dtype; keep the
+        # loop carry's dtypes fixed (float32 times under jax_enable_x64 would otherwise change it)
+        inner_state = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)),
+                                   new_inner, inner_state)
         now_bad = _not_finite(y1_candidate) | _not_finite(y_error)
         state = (inner_state, bad | now_bad, jnp.asarray(next_t0, t_now.dtype),
                  jnp.asarray(next_t1 - next_t0, t_now.dtype))
@@ -317,6 +320,46 @@ def nfe_count(solver: str, num_steps: Array) -> Array:
     info = solver_info(solver)
     per_step = info.stages - int(info.fsal)
     return num_steps * per_step + int(info.fsal)
+
+
+def _ad_modes(tree) -> tuple[bool, int]:
+    """``(forward, reverse_levels)``: whether any leaf is being differentiated in forward mode
+    (``jax.jvp``/``jacfwd``), and how many reverse-mode (``grad``/``vjp``) levels wrap it.
+
+    Reads the tracer chain by class name; if JAX renames its tracers this finds nothing and
+    diffrax's own error is raised instead."""
+    forward, reverse = False, 0
+    for leaf in jax.tree.leaves(tree):
+        depth, x = 0, leaf
+        while isinstance(x, jax.core.Tracer):
+            name = type(x).__name__
+            if name == "JVPTracer":
+                forward = True
+            elif name == "LinearizeTracer":
+                depth += 1
+            x = getattr(x, "primal", getattr(x, "val", None))
+        reverse = max(reverse, depth)
+    return forward, reverse
+
+
+def _check_derivatives(adjoint: str, check_grads: bool, *inputs) -> None:
+    forward, reverse = _ad_modes(inputs)
+    if forward and check_grads:
+        raise TypeError("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
+                        "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
+    if adjoint == "direct":
+        return
+    if forward:
+        raise TypeError(
+            f"ncode_jax.solve: adjoint={adjoint!r} supports reverse-mode derivatives only "
+            "(jax.grad, jax.vjp, jax.jacrev); forward mode (jax.jvp, jax.jacfwd, jax.hessian, "
+            "jax.linearize of jvp) needs adjoint='direct'"
+        )
+    if reverse >= 2:
+        raise TypeError(
+            f"ncode_jax.solve: adjoint={adjoint!r} gives first derivatives only; second-order "
+            "reverse mode (jax.grad of jax.grad) needs adjoint='direct'"
+        )
 
 
 def _check_dtypes(x0, theta0, feedback) -> None:
@@ -422,15 +465,17 @@ def solve(
         * ``direct`` (differentiate through the loop): supports forward mode (``jax.jvp``,
           ``jax.jacfwd``, ``jax.hessian``) as well as reverse mode; most memory.
 
-        Forward-mode derivatives need ``direct``: with ``checkpoint`` or ``backsolve`` they raise
-        a ``TypeError`` that says so.
+        Forward-mode derivatives and second-order reverse mode need ``direct``: with
+        ``checkpoint`` or ``backsolve`` they raise a ``TypeError`` that names the adjoint and
+        the alternative.
       batch: ``system`` solves the batch as one ODE (shared step sizes); ``vmap`` gives every
         sample its own adaptive steps (slower on CPU: lock-step while loops).
       throw: raise on failure (default). With ``False``, failures are reported only in
         ``stats["result"]`` (:data:`RESULT_CODES`) and outputs may hold NaN/inf.
       check_grads: also raise, in the backward pass, if the gradient reaching ``x0``, ``θ0`` or
         ``params`` contains NaN or inf (it names which). Off by default: a finite forward solve
-        can still give a non-finite gradient (e.g. ``sqrt`` at 0 in the field).
+        can still give a non-finite gradient (e.g. ``sqrt`` at 0 in the field). Reverse mode
+        only (with forward mode it raises ``TypeError``).
 
     Returns:
       A :class:`Solution`.
@@ -463,6 +508,7 @@ def solve(
             "model.init(...)['feedback'])"
         )
     _check_dtypes(x0, theta0, params.get("feedback"))
+    _check_derivatives(adjoint, check_grads, x0, theta0, params)
     _static_times_checks(t0, t1, dt, ts)
     if adjoint == "backsolve" and dt is not None and info.order < 4:
         warnings.warn(
@@ -490,9 +536,17 @@ def solve(
     else:
         dt0 = dt if forward else -dt
 
+    budget = (  # advice for a solve that ran out of steps (worded before tolerances are traced)
+        f"use a larger dt (now {dt}; {max_steps} steps cover {max_steps * dt:g} time units)"
+        if dt is not None
+        else "loosen rtol/atol" + (f" (now {rtol}/{atol})" if _is_concrete(rtol + atol) else "")
+    )
     feedback, cost_args = params.get("feedback"), params.get("cost")
     if throw:
-        inputs = (x0, theta0, feedback, cost_args)
+        # Everything the solve reads passes through the checks, so that they run before diffrax's
+        # own (data dependence orders them) and the first message names the real cause.
+        tols = (rtol, atol) if dt is None else (None, None)
+        inputs = (x0, theta0, feedback, cost_args, t0, t1, ts, tols)
         checks = [
             (_not_finite(x0), "x0 contains NaN or inf"),
             (_not_finite(theta0), "theta0 contains NaN or inf (the initial weights θ(0) from the "
@@ -515,7 +569,9 @@ def solve(
             ]
         for pred, what in checks:
             inputs = _guard(inputs, pred, f"ncode_jax.solve: {what}")
-        x0, theta0, feedback, cost_args = inputs
+        x0, theta0, feedback, cost_args, t0, t1, ts, tols = inputs
+        if dt is None:
+            rtol, atol = tols
     if check_grads:
         x0 = _grad_check(x0, f"ncode_jax.solve: the gradient with respect to x0 contains NaN or inf "
                              f"({adjoint} adjoint)")
@@ -557,11 +613,6 @@ def solve(
         if throw:
             mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol.stats["num_accepted_steps"], 1)
             collapsed = jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step
-            budget = (
-                f"use a larger dt (now {dt}; {max_steps} steps cover {max_steps * dt:g} time units)"
-                if dt is not None
-                else f"loosen rtol/atol (now {rtol}/{atol})"
-            )
             ys = _guard(
                 ys, nonfinite,
                 "ncode_jax.solve: the dynamics produced NaN or inf from finite inputs: the vector "
@@ -571,7 +622,8 @@ def solve(
             ys = _guard(
                 ys, ~ok & ~nonfinite & collapsed,
                 f"ncode_jax.solve: the step size collapsed: the {solver} solver kept rejecting steps "
-                "at one time (stiff or non-smooth dynamics); more max_steps will not help — use a "
+                "at one time (stiff or non-smooth dynamics, or a solution that blows up in finite time); "
+                "more max_steps will not help — use a "
                 "solver suited to the dynamics, looser tolerances, or smoother dynamics",
             )
             ys = _guard(
@@ -621,7 +673,7 @@ def solve(
             cost = None if cost is None else squeeze(cost)
             theta = squeeze(theta) if dynamics.closed_loop else theta0
     except TypeError as e:
-        if "forward-mode" in str(e) or "custom_vjp" in str(e) or "jvp" in str(e).lower():
+        if "forward-mode autodiff" in str(e):  # a path _check_derivatives did not see
             raise TypeError(
                 f"ncode_jax.solve: adjoint={adjoint!r} supports reverse-mode derivatives only "
                 "(jax.grad, jax.vjp, jax.jacrev); forward mode (jax.jvp, jax.jacfwd, jax.hessian, "

@@ -1,4 +1,5 @@
-"""Gradients of N-CODE losses: adjoint vs adjoint (fixed steps: must agree to round-off),
+"""Gradients of N-CODE losses: adjoint vs adjoint (fixed rk4 steps: backsolve's O(dt^4) gap is
+below 1e-6 here, direct vs checkpoint agree to round-off; test_adjoint_order.py checks the rate),
 checkpoint vs central finite differences, and the (documented) inexactness of BacksolveAdjoint
 with adaptive steps (DESIGN.md fact 2).
 

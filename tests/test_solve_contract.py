@@ -1,0 +1,308 @@
+"""`solve` and `NCODE`: a correct answer or a clear refusal, for every case users hit.
+
+One test (or group) per fault of issue 10: dtypes under x64, errors that name their cause,
+checks that survive every composition of jit/grad/vmap, bad inputs refused eagerly and under
+jit alike, derivatives an adjoint cannot give, degenerate sizes, stable activations.
+(Adjoint accuracy against the solver's order: test_adjoint_order.py; reverse time:
+test_reverse_time.py.)
+"""
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ncode_jax as nc
+from ncode_jax import NCODE, Dynamics, LinearField, MLPField, solve
+
+LIN = LinearField(1)
+ONES = jnp.ones((2, 1))
+
+
+def _raises(match, fn, *args, exc=Exception):
+    """``fn(*args)`` (results blocked on) must raise ``exc`` whose text matches ``match``."""
+    with pytest.raises(exc) as info:
+        jax.block_until_ready(fn(*args))
+    assert re.search(match, str(info.value)), str(info.value)[:2000]
+
+
+@dataclass(frozen=True)
+class SqrtField(nc.VectorField):
+    """``dx/dt = -k sqrt(x)`` (``abs_=True``: ``k sqrt(|x|)``), one state entry, θ = (k,)."""
+
+    abs_: bool = False
+    state_shape = (1,)
+    layout = nc.ParamLayout((nc.ParamSpec("k", (1,)),))
+
+    def apply(self, t, x, w):
+        return w["k"] * jnp.sqrt(jnp.abs(x)) if self.abs_ else -w["k"] * jnp.sqrt(x)
+
+
+@dataclass(frozen=True)
+class SquareField(nc.VectorField):
+    """``dx/dt = k x²``: blows up at ``t = 1/(k x0)``."""
+
+    state_shape = (1,)
+    layout = nc.ParamLayout((nc.ParamSpec("k", (1,)),))
+
+    def apply(self, t, x, w):
+        return w["k"] * x**2
+
+
+# --- 2. dtypes under jax_enable_x64 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adjoint,x64", [("checkpoint", True), ("backsolve", True), ("direct", True),
+                                          ("backsolve", False)])
+def test_float32_model_stays_float32(adjoint, x64):
+    """Outputs and the adjoint's own cotangents (before JAX casts them to the parameters' dtype)
+    keep float32, under every adjoint, with x64 on and off (issue 10: Python-float t0/t1 made the
+    state and backsolve's gradients float64)."""
+    with jax.enable_x64(x64):
+        model = NCODE.build("open_closed", MLPField(3, 4), (3,), hidden=(4,), feedback_hidden=(4,),
+                            running_cost=lambda t, x, th, c: jnp.sum(x**2, -1))
+        params = model.init(jax.random.key(0), jnp.float32)
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32)
+
+        @jax.jit
+        def run(p):
+            sol, vjp = jax.vjp(lambda p_: model(p_, x, adjoint=adjoint, solver="tsit5"), p)
+            return sol, vjp(jax.tree.map(jnp.ones_like, sol))[0]
+
+        sol, ct = run(params)
+        for name, a in (("x", sol.x), ("theta", sol.theta), ("cost", sol.cost), ("ts", sol.ts)):
+            assert a.dtype == jnp.float32, (name, a.dtype)
+        assert {str(g.dtype) for g in jax.tree.leaves(ct) if g.dtype != jax.dtypes.float0} == {"float32"}
+
+
+def test_mixed_dtypes_refused():
+    theta = jnp.zeros((1,), jnp.float32)
+    _raises(r"x0 is float64 but theta0 is float32", solve, Dynamics(LIN), jnp.ones((2, 1)), theta,
+            exc=TypeError)
+
+
+# --- 3. errors that name their cause -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_steps", [4096, 100_000])
+def test_nan_from_the_dynamics_is_named(max_steps):
+    """dx/dt = -2 sqrt(x), x0 = 1/4: x reaches 0 at t = 1/2, and steps past it give sqrt(<0)."""
+    _raises(r"dynamics produced NaN or inf from finite inputs.*more steps will not help", lambda: solve(
+        Dynamics(SqrtField()), jnp.full((1, 1), 0.25), jnp.array([2.0]), max_steps=max_steps).x)
+
+
+def test_nan_from_the_dynamics_fixed_steps():
+    _raises(r"dynamics produced NaN or inf", lambda: solve(
+        Dynamics(SqrtField()), jnp.full((1, 1), 0.25), jnp.array([2.0]), solver="rk4", dt=0.1).x)
+
+
+def test_collapsed_step_size_is_named():
+    """dx/dt = x², x0 = 1 blows up at t = 1: the steps shrink to nothing, nothing is NaN yet."""
+    _raises(r"step size collapsed.*more max_steps will not help", lambda: solve(
+        Dynamics(SquareField()), jnp.ones((1, 1)), jnp.array([1.0]), t1=2.0).x)
+
+
+def test_exhausted_budget_is_named():
+    _raises(r"used all max_steps=2 steps .*still making progress.*max_steps=N", lambda: solve(
+        Dynamics(LIN), ONES, jnp.array([-1.0]), rtol=1e-12, atol=1e-12, max_steps=2).x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(t1=float("inf")), r"t1 must be a finite number"),
+    (dict(t0=float("nan")), r"t0 must be a finite number"),
+    (dict(rtol=float("nan")), r"rtol must be a finite number >= 0"),
+    (dict(atol=float("inf")), r"atol must be a finite number >= 0"),
+    (dict(ts=jnp.array([0.0, jnp.nan, 1.0])), r"ts contains NaN or inf"),
+])
+def test_non_finite_inputs_are_named(kwargs, match):
+    _raises(match, lambda: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), **kwargs).x, exc=ValueError)
+
+
+def test_non_finite_weights_point_at_training():
+    model = NCODE.build("open", MLPField(1, 4), (1,), hidden=(4,))
+    params = model.init(jax.random.key(0))
+    params["initial"]["theta"] = params["initial"]["theta"].at[0].set(jnp.inf)  # e.g. after lr=inf
+    _raises(r"theta0 contains NaN or inf .*learning rate", lambda: model(params, ONES).x)
+
+
+# --- 4. checks survive every composition; NaN gradients can be made errors --------------------
+
+
+def _diverging_loss(theta, x0):
+    return jnp.sum(solve(Dynamics(LIN), x0, theta, t1=2.0, solver="euler", dt=0.5).x)
+
+
+@pytest.mark.parametrize("wrap", ["grad", "jit_grad", "jit_value_and_grad", "vmap_grad", "jit_vmap_grad",
+                                  "eager"])
+def test_checks_survive_transformations(wrap):
+    g = jax.grad(_diverging_loss)
+    fn, x0 = {
+        "eager": (_diverging_loss, ONES),
+        "grad": (g, ONES),
+        "jit_grad": (jax.jit(g), ONES),
+        "jit_value_and_grad": (jax.jit(jax.value_and_grad(_diverging_loss)), ONES),
+        "vmap_grad": (jax.vmap(g, in_axes=(None, 0)), jnp.ones((3, 2, 1))),
+        "jit_vmap_grad": (jax.jit(jax.vmap(g, in_axes=(None, 0))), jnp.ones((3, 2, 1))),
+    }[wrap]
+    _raises(r"NaN or inf", fn, jnp.array([1e200]), x0)  # euler overflows to inf in 2 steps
+
+
+def test_check_grads_reports_a_nan_gradient_of_a_finite_solve():
+    """dx/dt = k sqrt(|x|) from x0 = 0, k = 0: x stays 0, but d/dx sqrt(|x|) is inf at 0."""
+    def loss(x0, check):
+        return jnp.sum(solve(Dynamics(SqrtField(abs_=True)), x0, jnp.array([0.0]), solver="rk4",
+                             dt=0.1, check_grads=check).x)
+
+    x0 = jnp.zeros((1, 1))
+    assert np.isfinite(loss(x0, False))
+    assert not np.all(np.isfinite(jax.grad(loss)(x0, False)))  # silent without the option
+    _raises(r"gradient with respect to x0 contains NaN or inf \(checkpoint adjoint\)",
+            jax.jit(jax.grad(loss), static_argnums=1), x0, True)
+
+
+# --- 5. inputs accepted that should not be: same answer eagerly and under jit ------------------
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("rtol", -1.0, r"rtol must be a finite number >= 0"),
+    ("rtol", float("nan"), r"rtol must be a finite number >= 0"),
+    ("atol", -1e-6, r"atol must be a finite number >= 0"),
+])
+def test_bad_tolerances_eager_and_jit(name, value, match):
+    def run(v):
+        return solve(Dynamics(LIN), ONES, jnp.array([-1.0]), **{name: v}).x
+
+    _raises(match, run, value, exc=ValueError)  # eager: at trace time
+    _raises(match, jax.jit(run), value)  # traced: at run time, same words
+
+
+@pytest.mark.parametrize("kwargs,match,exc", [
+    (dict(solver="rk4", dt=float("inf")), r"dt must be a positive finite number", ValueError),
+    (dict(solver="rk4", dt=float("nan")), r"dt must be a positive finite number", ValueError),
+    (dict(solver="rk4", dt=0.0), r"dt must be a positive finite number", ValueError),
+    (dict(ts=jnp.zeros((2, 2))), r"ts must be a 1-D array", ValueError),
+    (dict(ts=jnp.array([0.5, 0.2])), r"ts must run in the direction of integration", ValueError),
+    (dict(ts=jnp.array([0.5, 2.0])), r"ts must lie in \[t0, t1\]", ValueError),
+    (dict(max_steps=0), r"max_steps must be >= 1", ValueError),
+    (dict(max_steps=2.5), r"max_steps must be an integer", TypeError),
+    (dict(checkpoints=4, adjoint="backsolve"), r"checkpoints=4 applies to adjoint='checkpoint' only",
+     ValueError),
+    (dict(seminorm=True), r"seminorm=True .* needs adjoint='backsolve'", ValueError),
+    (dict(adjoint="adjoint"), r"unknown adjoint 'adjoint'", ValueError),
+])
+def test_bad_options_refused(kwargs, match, exc):
+    _raises(match, lambda: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), **kwargs).x, exc=exc)
+
+
+def test_traced_ts_checked_at_run_time():
+    run = jax.jit(lambda ts: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), ts=ts).x)
+    assert run(jnp.array([0.2, 0.5])).shape == (2, 2, 1)
+    _raises(r"ts must run in the direction of integration", run, jnp.array([0.5, 0.2]))
+    _raises(r"ts contains NaN or inf", run, jnp.array([0.5, jnp.nan]))
+
+
+def test_closed_loop_without_feedback_params():
+    model = NCODE.build("closed", MLPField(1, 4), (1,), feedback_hidden=(4,))
+    params = model.init(jax.random.key(0))
+    _raises(r"closed-loop NCODE needs params with keys \['initial', 'feedback'\].*missing \['feedback'\]",
+            lambda: model({"initial": params["initial"]}, ONES).x, exc=ValueError)
+    fb = nc.Feedback(LIN.layout, 1, (4,))
+    _raises(r"closed-loop dynamics need params\['feedback'\]",
+            lambda: solve(Dynamics(LIN, fb), ONES, jnp.array([-1.0]), {"feedback": None}).x, exc=ValueError)
+
+
+def test_solve_config_validates_and_round_trips():
+    cfg = nc.SolveConfig(solver="rk4", dt=0.25, adjoint="checkpoint", checkpoints=4)
+    sol = solve(Dynamics(LIN), ONES, jnp.array([-1.0]), **cfg.kwargs())
+    assert int(sol.stats["num_steps"]) == 4
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        nc.SolveConfig(rtol=-1.0)
+    with pytest.raises(ValueError, match="has no error estimate"):
+        nc.SolveConfig(solver="rk4")
+    with pytest.raises(ValueError, match="unknown solver"):
+        cfg.replace(solver="rk5")
+
+
+# --- 7. derivatives an adjoint cannot provide ---------------------------------------------------
+
+
+def _x1(theta, adjoint):
+    return solve(Dynamics(LIN), jnp.ones((1, 1)), theta, adjoint=adjoint, solver="rk4", dt=0.1).x
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+@pytest.mark.parametrize("how", ["jvp", "jacfwd", "hessian", "grad_of_grad"])
+def test_derivatives_the_adjoint_cannot_give(adjoint, how):
+    theta = jnp.array([0.3])
+    f = lambda th: jnp.sum(_x1(th, adjoint))  # noqa: E731
+    run = {
+        "jvp": lambda: jax.jvp(f, (theta,), (jnp.ones(1),)),
+        "jacfwd": lambda: jax.jacfwd(f)(theta),
+        "hessian": lambda: jax.hessian(f)(theta),
+        "grad_of_grad": lambda: jax.grad(lambda th: jax.grad(f)(th)[0])(theta),
+    }[how]
+    _raises(rf"adjoint='{adjoint}' .*needs adjoint='direct'", run, exc=TypeError)
+
+
+def test_direct_adjoint_gives_forward_and_second_order():
+    theta = jnp.array([0.3])
+    f = lambda th: jnp.sum(_x1(th, "direct"))  # noqa: E731  rk4 of dx/dt = θx: x(1) ≈ e^θ
+    _, tangent = jax.jvp(f, (theta,), (jnp.ones(1),))
+    np.testing.assert_allclose(tangent, np.exp(0.3), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda th: jax.grad(f)(th)[0])(theta), [np.exp(0.3)], rtol=1e-6)
+
+
+# --- 8. degenerate sizes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: MLPField(0), r"MLPField: dim must be a positive integer"),
+    (lambda: MLPField(2, 0), r"MLPField: hidden must be a positive integer"),
+    (lambda: LinearField(0), r"LinearField: dim must be a positive integer"),
+    (lambda: nc.SparseLinearField(0), r"SparseLinearField: dim must be a positive integer"),
+    (lambda: nc.SparseLinearField(3, ()), r"at least one offset"),
+    (lambda: NCODE.build("open", MLPField(2), (2,), hidden=(0,)), r"Hypernetwork: hidden widths"),
+    (lambda: NCODE.build("closed", MLPField(2), (2,), feedback_hidden=(4, -1)), r"Feedback: hidden widths"),
+    (lambda: NCODE.build("open", MLPField(2), ()), r"data_shape must be one input sample's shape"),
+    (lambda: NCODE(MLPField(2), nc.StaticInit(MLPField(2).layout), augment=-1),
+     r"augment must be an integer >= 0"),
+])
+def test_degenerate_sizes_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_degenerate_sizes_at_solve():
+    _raises(r"x0 has an empty batch", lambda: solve(Dynamics(LIN), jnp.ones((0, 1)), jnp.array([-1.0])),
+            exc=ValueError)
+    _raises(r"time interval is empty", lambda: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), t1=0.0),
+            exc=ValueError)
+    _raises(r"ts is empty", lambda: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), ts=jnp.zeros((0,))),
+            exc=ValueError)
+    # the smallest real sizes work: one sample, one state entry, one hidden unit, no hidden layer
+    model = NCODE.build("open_closed", MLPField(1, 1), (1,), hidden=(), feedback_hidden=())
+    sol = model(model.init(jax.random.key(0), jnp.float64), jnp.ones((1, 1)), solver="rk4", dt=0.5)
+    assert sol.x.shape == (1, 1) and np.all(np.isfinite(sol.x))
+
+
+# --- 9. activations from jax.nn; diffrax through its public names -------------------------------
+
+
+def test_sigmoid_gradient_is_finite_for_large_negative_inputs():
+    sigma = nc.fields.activation("sigmoid")
+    with jax.enable_x64(False):
+        g = jax.grad(lambda u: sigma(u))(jnp.float32(-100.0))
+    assert np.isfinite(g) and g >= 0
+
+
+def test_only_public_diffrax_names():
+    import ncode_jax.solve as solve_module
+    import ncode_jax.solvers as solvers_module
+
+    for module in (solve_module, solvers_module):
+        src = inspect.getsource(module)
+        assert "diffrax._" not in src and "._value" not in src, module.__name__
