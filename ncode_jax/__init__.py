@@ -4,11 +4,13 @@ Vector fields whose weights θ are produced (open loop, θ(0) = γ(x(0))) and st
 dθ/dt = g(θ, x, t)) by a controller, solved with diffrax and differentiated by an adjoint.
 """
 
+from .block import NCODEBlock
 from .control import Feedback, Hypernetwork, StaticInit, augment
 from .conv import ConvBlockField
 from .dynamics import Dynamics, State
 from .fields import LinearField, MLPField, SparseLinearField, VectorField, dense
 from .layout import ParamLayout, ParamSpec
+from .module_field import ModuleField, ModuleLayout
 from .ncode import NCODE
 from .nn import mlp_apply, mlp_init
 from .solve import Solution, SolveConfig, check_options, nfe_count, solve
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NCODE",
+    "NCODEBlock",
     "RK4",
     "SOLVERS",
     "ConvBlockField",
@@ -26,6 +29,8 @@ __all__ = [
     "Hypernetwork",
     "LinearField",
     "MLPField",
+    "ModuleField",
+    "ModuleLayout",
     "ParamLayout",
     "ParamSpec",
     "Solution",
