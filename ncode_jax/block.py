@@ -7,7 +7,7 @@ solver settings) so that it drops into any Flax model::
         @nn.compact
         def __call__(self, x):
             h = nn.Dense(16)(encoder(x))
-            h = nc.NCODEBlock(nc.MLPField(16), kind="open", solver="rk4", dt=0.25)(h)
+            h = nc.NCODEBlock(nc.MLPField(16), kind="open", solve=nc.SolveConfig(solver="rk4", dt=0.25))(h)
             return nn.Dense(10)(h)
 
 Its parameters (θ̄, the hypernetwork γ, the feedback g) are one Flax parameter ``ncode`` — the
@@ -27,6 +27,7 @@ from jaxtyping import Array
 
 from .fields import VectorField
 from .ncode import KINDS, NCODE
+from .solve import SolveConfig
 
 __all__ = ["NCODEBlock"]
 
@@ -41,7 +42,7 @@ class NCODEBlock(nn.Module):
       kind: ``node``, ``anode``, ``open`` (θ(0) = γ(x(0))), ``closed`` or ``open_closed``.
       augment: zero channels appended to the last axis (ANODE-style).
       hidden, feedback_hidden: widths of γ and g.
-      t1, solver, dt, rtol, atol, adjoint, max_steps: as in :func:`~ncode_jax.solve.solve`.
+      solve: the solver settings, a :class:`~ncode_jax.solve.SolveConfig` (validated when built).
       return_stats: return ``(x(T), stats)`` instead of ``x(T)``.
       param_dtype: dtype of the ``ncode`` parameters (float32).
 
@@ -56,13 +57,7 @@ class NCODEBlock(nn.Module):
     augment: int = 0
     hidden: tuple[int, ...] = (32,)
     feedback_hidden: tuple[int, ...] = (32,)
-    t1: float = 1.0
-    solver: str = "tsit5"
-    dt: float | None = None
-    rtol: float = 1e-3
-    atol: float = 1e-6
-    adjoint: str = "checkpoint"
-    max_steps: int | None = None
+    solve: SolveConfig = SolveConfig()
     return_stats: bool = False
     param_dtype: Any = jnp.float32
 
@@ -74,6 +69,8 @@ class NCODEBlock(nn.Module):
             )
         if not isinstance(self.field, VectorField):
             raise TypeError(f"NCODEBlock: field must be a VectorField, got {type(self.field).__name__}")
+        if not isinstance(self.solve, SolveConfig):
+            raise TypeError(f"NCODEBlock: solve must be a SolveConfig, got {type(self.solve).__name__}")
         if self.kind not in KINDS:
             raise ValueError(f"NCODEBlock: unknown kind {self.kind!r}; choose one of {list(KINDS)}")
         super().__post_init__()
@@ -95,16 +92,6 @@ class NCODEBlock(nn.Module):
             raise ValueError(f"NCODEBlock expects a batch (B, *data_shape), got shape {tuple(x.shape)}")
         model = self.ncode(tuple(x.shape[1:]))
         params = self.param("ncode", lambda key: model.init(key, self.param_dtype))
-        sol = model(
-            params,
-            x,
-            t1=self.t1,
-            solver=self.solver,
-            dt=self.dt,
-            rtol=self.rtol,
-            atol=self.atol,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps,
-        )
+        sol = model(params, x, **self.solve.kwargs())
         self.sow("intermediates", "solve_stats", sol.stats)
         return (sol.x, sol.stats) if self.return_stats else sol.x

@@ -60,6 +60,9 @@ def test_train_step_does_not_recompile(digits_run):
 # ---------------------------------------------------------------------------------------------
 
 
+RK4_HALF = nc.SolveConfig(solver="rk4", dt=0.5)
+
+
 class Tiny(nn.Module):
     field: nc.VectorField
     kind: str = "open"
@@ -68,7 +71,7 @@ class Tiny(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = nc.NCODEBlock(self.field, kind=self.kind, augment=1, hidden=(4,), feedback_hidden=(4,),
-                          solver="rk4", dt=0.5, return_stats=self.return_stats)(nn.Dense(2)(x))
+                          solve=RK4_HALF, return_stats=self.return_stats)(nn.Dense(2)(x))
         return h
 
 
