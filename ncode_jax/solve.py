@@ -195,13 +195,17 @@ class SolveConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _adjoint(name: str, checkpoints: int | None, backward_controller) -> diffrax.AbstractAdjoint:
+def _adjoint(name: str, checkpoints: int | None, backward_controller, throw: bool) -> diffrax.AbstractAdjoint:
     if name == "checkpoint":
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
     if name == "backsolve":
-        if backward_controller is None:
-            return diffrax.BacksolveAdjoint()
-        return diffrax.BacksolveAdjoint(stepsize_controller=backward_controller)
+        # the backward solve raises diffrax's own error if it fails (e.g. runs out of max_steps):
+        # solve() calls diffeqsolve with throw=False, which the backward solve would inherit, and a
+        # failed backward solve is a wrong gradient
+        kwargs = {"throw": throw}
+        if backward_controller is not None:
+            kwargs["stepsize_controller"] = backward_controller
+        return diffrax.BacksolveAdjoint(**kwargs)
     return diffrax.DirectAdjoint()
 
 
@@ -259,7 +263,14 @@ def _guard(tree, checks: list[tuple[Array, str]]):
     forward and reverse mode both work, and the backward pass needs ``token`` as a residual.
     """
     preds = jnp.stack([jnp.asarray(p, bool).reshape(()) for p, _ in checks])
-    return _guard_impl(tree, preds, tuple(m for _, m in checks))
+    # only floating leaves go through the custom JVP: integer leaves (PRNG keys, seeds in a running
+    # cost's args) must stay unperturbed for diffrax's checkpointed loop
+    leaves, treedef = jax.tree.flatten(tree)
+    floats = [i for i, a in enumerate(leaves) if _inexact(a)]
+    guarded = _guard_impl([leaves[i] for i in floats], preds, tuple(m for _, m in checks))
+    for i, a in zip(floats, guarded):
+        leaves[i] = a
+    return jax.tree.unflatten(treedef, leaves)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -608,7 +619,7 @@ def solve(
             diffrax.PIDController(rtol=rtol, atol=atol, norm=diffrax.adjoint_rms_seminorm)
             if seminorm else None
         )
-    adj = _adjoint(adjoint, checkpoints, backward_controller)
+    adj = _adjoint(adjoint, checkpoints, backward_controller, throw)
     saveat = diffrax.SaveAt(t1=True if ts is None else False, ts=ts, controller_state=True)
     term = diffrax.ODETerm(dynamics)
 
