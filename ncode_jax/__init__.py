@@ -11,6 +11,16 @@ from .fields import LinearField, MLPField, SparseLinearField, VectorField, dense
 from .layout import ParamLayout, ParamSpec
 from .ncode import NCODE
 from .nn import mlp_apply, mlp_init
+from .regularizers import (
+    CombinedCost,
+    JacobianFrobenius,
+    KineticEnergy,
+    combine,
+    jacobian_frobenius,
+    kinetic_energy,
+    regularization,
+    regularizer_args,
+)
 from .solve import Solution, SolveConfig, check_options, nfe_count, solve
 from .solvers import RK4, SOLVERS
 
@@ -20,10 +30,13 @@ __all__ = [
     "NCODE",
     "RK4",
     "SOLVERS",
+    "CombinedCost",
     "ConvBlockField",
     "Dynamics",
     "Feedback",
     "Hypernetwork",
+    "JacobianFrobenius",
+    "KineticEnergy",
     "LinearField",
     "MLPField",
     "ParamLayout",
@@ -35,6 +48,11 @@ __all__ = [
     "StaticInit",
     "VectorField",
     "augment",
+    "combine",
+    "jacobian_frobenius",
+    "kinetic_energy",
+    "regularization",
+    "regularizer_args",
     "check_options",
     "dense",
     "mlp_apply",
