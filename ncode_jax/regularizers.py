@@ -176,6 +176,9 @@ class JacobianFrobenius(RegularizerTerm):
 
     Only the per-sample block of the Jacobian counts: the field acts on every sample alone, so
     ``∂f_b/∂x_{b'} = 0`` for ``b ≠ b'`` and the batched product ``J ε`` is ``J_b ε_b`` row by row.
+    Probes are independent across samples with ``batch="system"`` (the default); with
+    ``solve(..., batch="vmap")`` every per-sample solve draws from the same seed, so all samples
+    share one probe (each estimate is still unbiased, but they are correlated).
 
     Args:
       weight: finite ``>= 0``.
