@@ -13,6 +13,16 @@ from .layout import ParamLayout, ParamSpec
 from .module_field import ModuleField, ModuleLayout
 from .ncode import NCODE
 from .nn import mlp_apply, mlp_init
+from .regularizers import (
+    CombinedCost,
+    JacobianFrobenius,
+    KineticEnergy,
+    combine,
+    jacobian_frobenius,
+    kinetic_energy,
+    regularization,
+    regularizer_args,
+)
 from .solve import Solution, SolveConfig, check_options, nfe_count, solve
 from .solvers import RK4, SOLVERS
 
@@ -23,10 +33,13 @@ __all__ = [
     "NCODEBlock",
     "RK4",
     "SOLVERS",
+    "CombinedCost",
     "ConvBlockField",
     "Dynamics",
     "Feedback",
     "Hypernetwork",
+    "JacobianFrobenius",
+    "KineticEnergy",
     "LinearField",
     "MLPField",
     "ModuleField",
@@ -40,6 +53,11 @@ __all__ = [
     "StaticInit",
     "VectorField",
     "augment",
+    "combine",
+    "jacobian_frobenius",
+    "kinetic_energy",
+    "regularization",
+    "regularizer_args",
     "check_options",
     "dense",
     "mlp_apply",
