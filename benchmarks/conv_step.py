@@ -16,6 +16,12 @@ the checkpoint adjoint: ``default`` = diffrax's O(log n) checkpoints with recomp
 = one checkpoint per step, no recomputation, or a number); every JAX variant of a case is timed
 interleaved with the same torch step, and the ratio is taken per variant.
 
+``--devices N`` (CPU) runs the JAX step data-parallel over N simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set by the script; batch sharded along the
+mesh axis ``data``, parameters replicated, traced under ``jax.set_mesh`` so that the per-image
+loops run per device, as ``train/parallel.py`` does): the same two cores, but each device's
+per-image loop keeps one core busy, where a single device's loop runs on about one core.
+
 JAX's step is one ``jax.jit``; torch runs eagerly with ``torch.set_num_threads(--threads)`` and the
 per-sample convolution ``--torch-conv`` (default: the fastest measured, see
 ``benchmarks/torch_baseline/conv.py``). Steps are interleaved per repeat; medians after a warm-up
@@ -107,18 +113,36 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
     opt = optax.adam(args.lr)
     opt_state = jax.device_put(opt.init(params), jdev)
 
+    mesh = None
+    if args.devices > 1:
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        mesh = Mesh(np.array(jax.devices("cpu")[: args.devices]), ("data",))
+        rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        params, opt_state = jax.device_put((params, opt_state), rep)
+        images, labels = jax.device_put((images, labels), rows)
+
     def make_step(clf, kw):
         def loss_fn(p, x, y):
             logits, sol = clf(p, x, **kw)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), sol.stats["nfe"]
 
-        @jax.jit
-        def jstep(p, s, x, y):
+        def step(p, s, x, y):
             (loss, nfe), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
             updates, s = opt.update(g, s, p)
             return optax.apply_updates(p, updates), s, loss, nfe
 
-        return lambda: jstep(params, opt_state, images, labels)
+        if mesh is None:
+            jstep = jax.jit(step)
+            return lambda: jstep(params, opt_state, images, labels)
+        jstep = jax.jit(step, in_shardings=(rep, rep, rows, rows), out_shardings=rep)
+
+        def call():
+            with jax.set_mesh(mesh):  # the per-image loops then run per device (ncode_jax.sharding)
+                return jstep(params, opt_state, images, labels)
+
+        return call
 
     jax_fns = {}
     for label, impl, ck in jax_variants(adjoint, solver, args):
@@ -255,8 +279,18 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--torch-conv", choices=CONV_IMPLS, default=DEFAULT_CONV_IMPL,
                    help="torch per-sample convolution")
+    p.add_argument("--devices", type=int, default=1,
+                   help="CPU: run the JAX step data-parallel on this many simulated CPU devices")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     args = p.parse_args(argv)
+    if args.devices > 1:
+        if args.device != "cpu":
+            p.error("--devices simulates CPU devices; use --device cpu")
+        if args.batch % args.devices:
+            p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
+        # read when the CPU backend starts, i.e. at the first JAX computation below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
     require_torch("benchmarks.conv_step")
     import torch
 
@@ -264,7 +298,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     jdev, tdev = pick_devices(args.device)
     print(f"JAX {jax.__version__} on {jdev} | torch {torch.__version__} on {tdev}, "
-          f"{torch.get_num_threads()} thread(s), conv {args.torch_conv} | repeats {args.repeats}", flush=True)
+          f"{torch.get_num_threads()} thread(s), conv {args.torch_conv} | repeats {args.repeats} | "
+          f"JAX step on {args.devices} of {jax.device_count()} device(s)", flush=True)
     load_start = os.getloadavg()
     with jax.default_device(jdev):
         peak_before = matmul_peak()
