@@ -15,11 +15,13 @@ Implementations of the per-sample block (``ConvBlockField(impl=...)``, and ``imp
 float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
 
 * ``"map"`` (CPU; what ``"auto"`` picks there) — the *whole block* is one ``custom_vjp``
-  evaluated image by image with :func:`jax.lax.map`, every 3×3 convolution an im2col matrix
-  product ``(H·W, 9h) @ (9h, h)`` per image: forward ``im2col(σ(a₁)) @ W₂``, input gradient
+  evaluated image by image with :func:`jax.lax.map`: the forward 3×3 convolution is XLA's
+  batch-1 convolution (the least work measured in the block, benchmarks/README.md), the backward
+  pass is im2col matrix products ``(H·W, 9h) @ (9h, h)`` per image: input gradient
   ``im2col(ḡ) @ flip(W₂)ᵀ``, kernel gradient ``im2col(σ(a₁))ᵀ @ ḡ``. The 1×1 layers, biases and
   activations of an image run in the same loop iteration, so its intermediates stay in cache; the
-  backward pass keeps only the two pre-activations ``a₁, a₂`` of every image as residuals.
+  backward pass keeps only the two pre-activations ``a₁, a₂`` of every image as residuals and
+  computes all cotangents of an image in one iteration (no XLA convolution transpose).
 * ``"grouped"`` (accelerators; what ``"auto"`` picks on GPU/TPU) — batched ops, no loop over
   images: the 1×1 layers are batched matrix products, the 3×3 convolution a *grouped*
   convolution (batch folded into channels, ``feature_group_count=B``) for the forward pass and
@@ -248,7 +250,8 @@ def per_sample_conv3x3(
     """``out[b] = conv3x3(x[b], w[b])``: every image its own 3×3 kernel (N-CODE).
 
     ``impl``: ``"map"`` — a :func:`jax.lax.map` of :func:`conv3x3` (im2col matrix products image
-    by image, never a grouped convolution); ``"grouped"`` — one grouped convolution forward and
+    by image, never a grouped convolution; the field's ``"map"`` block uses XLA's batch-1
+    convolution for its forward pass instead); ``"grouped"`` — one grouped convolution forward and
     for the input gradient, batched per-tap matrix products for the kernel gradient;
     ``"conv_map"`` — ``lax.map`` of batch-1 ``lax.conv`` with an im2col kernel gradient;
     ``"reference"`` — :func:`naive_per_sample_conv`; ``"auto"`` — see :func:`resolve_impl`.
@@ -291,7 +294,7 @@ def _block_image(sigma, x, w):
     h, wd, c = x.shape
     hid = w["b1"].shape[-1]
     a1 = x.reshape(h * wd, c) @ w["w1"] + w["b1"]
-    a2 = _im2col(sigma(a1).reshape(h, wd, hid)) @ w["w2"].reshape(9 * hid, hid) + w["b2"]
+    a2 = _conv_same(sigma(a1).reshape(1, h, wd, hid), w["w2"]).reshape(h * wd, hid) + w["b2"]
     y = sigma(a2) @ w["w3"] + w["b3"]
     return y.reshape(h, wd, c), (a1, a2)
 
