@@ -3,9 +3,14 @@
 Forward + backward (gradient w.r.t. the state x and θ) of the paper's conv block
 (1×1 C→h, ReLU, 3×3 h→h, ReLU, 1×1 h→C) on a float32 NHWC batch, for
 
-* ``shared``       — θ ``(P,)``, ``ConvBlockField`` fast path (convolutions + matmul kernel grad);
-* ``shared_lax``   — θ ``(P,)``, plain ``lax.conv`` + autodiff (``impl="reference"``);
-* ``per_sample``   — θ ``(B, P)``, ``ConvBlockField`` fast path (image-by-image ``lax.map``);
+* ``shared``       — θ ``(P,)``, ``ConvBlockField`` CPU path (convolutions + matmul kernel grad);
+* ``shared_lax``   — θ ``(P,)``, plain ``lax.conv`` + autodiff (``impl="reference"``; also what
+  ``impl="grouped"`` runs for shared θ);
+* ``per_sample_<impl>`` — θ ``(B, P)``, one row per per-sample implementation of
+  ``ConvBlockField`` (``--impls``, default all: ``map`` — the whole block under one custom VJP,
+  image by image, im2col matrix products; ``conv_map`` — the previous path, batch-1 ``lax.conv``
+  per image; ``grouped`` — the accelerator path, grouped convolutions + batched kernel-gradient
+  matmuls);
 * ``naive``        — θ ``(B, P)``, ``vmap(lax.conv)`` + autodiff (``impl="reference"``).
 
 Every rate uses the SAME analytic FLOP count: 3 × the forward multiply-adds ×2 of the shared
@@ -20,12 +25,17 @@ f32 matmul gives the machine's peak for context. With ``--torch`` the same per-s
 
     python -m benchmarks.conv_block [--batch 64] [--size 28] [--channels 11] [--hidden 50]
                                     [--repeats 10] [--rounds 3] [--naive-repeats 1] [--skip-naive]
-                                    [--torch] [--torch-repeats 5] [--threads 2]
+                                    [--impls map conv_map grouped] [--device cpu|gpu]
+                                    [--torch] [--torch-repeats 5] [--threads 2] [--tag _gpu]
+
+On ``--device gpu`` the JAX variants run on the first GPU (``--torch`` is CPU only); the naive
+variant is skipped there unless asked for with ``--naive-repeats``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import jax
@@ -36,7 +46,7 @@ from ncode_jax import ConvBlockField
 
 from .common import matmul_peak, time_fn, write_results
 
-FAST = ("shared", "shared_lax", "per_sample")
+PER_SAMPLE_IMPLS = ("map", "conv_map", "grouped")
 
 
 def torch_variants(args, theta, theta_b, x_nhwc, flops) -> dict:
@@ -81,23 +91,41 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=50)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (fast variants)")
-    p.add_argument("--naive-repeats", type=int, default=1)
+    p.add_argument("--naive-repeats", type=int, default=None, help="default 1 on CPU, skipped on GPU")
     p.add_argument("--skip-naive", action="store_true", help="skip the slow vmap(conv) baseline")
-    p.add_argument("--torch", action="store_true", help="also time the PyTorch per-sample variants")
+    p.add_argument("--impls", nargs="+", choices=PER_SAMPLE_IMPLS, default=list(PER_SAMPLE_IMPLS),
+                   help="per-sample ConvBlockField implementations timed")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch per-sample variants (CPU)")
     p.add_argument("--torch-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--tag", default="", help="suffix for the output file name")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_x64", False)
+    if args.device == "gpu":
+        try:
+            dev = jax.devices("gpu")[0]
+        except RuntimeError as e:
+            raise SystemExit(f"--device gpu: JAX has no GPU backend here ({e}); "
+                             "pip install -e '.[cuda12]'") from None
+        if args.torch:
+            raise SystemExit("--torch times the CPU PyTorch block; run it with --device cpu")
+    else:
+        dev = jax.devices("cpu")[0]
+    naive_repeats = args.naive_repeats
+    if naive_repeats is None:
+        naive_repeats = 1 if args.device == "cpu" else 0
+    skip_naive = args.skip_naive or naive_repeats < 1
 
     b, s = args.batch, args.size
-    fast = ConvBlockField(args.channels, s, s, args.hidden)
+    fast = ConvBlockField(args.channels, s, s, args.hidden, impl="map")
     ref = ConvBlockField(args.channels, s, s, args.hidden, impl="reference")
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((b, s, s, args.channels)), jnp.float32)
-    theta = fast.layout.init(jax.random.key(0))
+    x = jax.device_put(jnp.asarray(rng.standard_normal((b, s, s, args.channels)), jnp.float32), dev)
+    theta = jax.device_put(fast.layout.init(jax.random.key(0)), dev)
     # per-sample θ: the shared one plus a per-sample perturbation of 10% of each weight's init std
     noise = jnp.asarray(rng.standard_normal((b, fast.num_params)), jnp.float32)
-    theta_b = theta + 0.1 * fast.layout.init_std() * noise
+    theta_b = jax.device_put(theta + 0.1 * fast.layout.init_std() * noise, dev)
 
     def fwd_bwd(field):
         def loss(x, th):
@@ -105,48 +133,54 @@ def main(argv=None):
 
         return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
-    variants = {
-        "shared": (fwd_bwd(fast), theta),
-        "shared_lax": (fwd_bwd(ref), theta),
-        "per_sample": (fwd_bwd(fast), theta_b),
-        "naive": (fwd_bwd(ref), theta_b),
-    }
+    variants = {"shared": (fwd_bwd(fast), theta), "shared_lax": (fwd_bwd(ref), theta)}
+    for impl in args.impls:
+        field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
+        variants[f"per_sample_{impl}"] = (fwd_bwd(field), theta_b)
+    timed = list(variants)
+    variants["naive"] = (fwd_bwd(ref), theta_b)
     flops = 3 * fast.flops(b)
     xla_flops = variants["shared_lax"][0].lower(x, theta).compile().cost_analysis().get("flops")
     print(f"conv block {args.channels}->{args.hidden}->{args.hidden}->{args.channels}, batch {b}, "
-          f"{s}x{s}, f32, forward+backward (grad x, theta): analytic {flops / 1e9:.3f} GFLOP "
+          f"{s}x{s}, f32, {dev}, forward+backward (grad x, theta): analytic {flops / 1e9:.3f} GFLOP "
           f"(XLA cost analysis of shared_lax: {xla_flops / 1e9:.3f})", flush=True)
 
-    peak_before = matmul_peak()
+    with jax.default_device(dev):
+        peak_before = matmul_peak()
     print(f"f32 matmul 2048^3: {peak_before['gflops']:.1f} GFLOP/s", flush=True)
 
-    rounds = {k: [] for k in FAST}
+    rounds = {k: [] for k in timed}
     compile_s = {}
-    per_round_ratio = {"per_sample/shared": [], "per_sample/shared_lax": []}
+    ps = [k for k in timed if k.startswith("per_sample_")]
+    per_round_ratio = {f"{k}/shared": [] for k in ps}
+    per_round_ratio.update({f"{k}/per_sample_conv_map": [] for k in ps if k != "per_sample_conv_map"
+                            and "per_sample_conv_map" in ps})
     for r in range(args.rounds):
-        for name in FAST:
+        for name in timed:
             fn, th = variants[name]
             t = time_fn(fn, x, th, repeats=args.repeats)
             compile_s.setdefault(name, t["compile_s"])
             rounds[name].append(t)
-        med = {k: rounds[k][-1]["median_ms"] for k in FAST}
-        per_round_ratio["per_sample/shared"].append(med["shared"] / med["per_sample"])
-        per_round_ratio["per_sample/shared_lax"].append(med["shared_lax"] / med["per_sample"])
+        med = {k: rounds[k][-1]["median_ms"] for k in timed}
+        for key in per_round_ratio:  # rate ratio a/b = time b / time a
+            a, ref_name = key.split("/")
+            per_round_ratio[key].append(med[ref_name] / med[a])
         print(f"round {r + 1}: " + "  ".join(f"{k} {v:.1f} ms" for k, v in med.items()), flush=True)
 
-    peak_after = matmul_peak()
+    with jax.default_device(dev):
+        peak_after = matmul_peak()
     peak = max(peak_before["gflops"], peak_after["gflops"])
 
     results = {}
-    for name in FAST:
+    for name in timed:
         ms = statistics.median(t["median_ms"] for t in rounds[name])
         results[name] = {"median_ms": round(ms, 2), "min_ms": min(t["min_ms"] for t in rounds[name]),
                          "compile_s": compile_s[name],
                          "round_medians_ms": [t["median_ms"] for t in rounds[name]],
                          "gflops": round(flops / ms / 1e6, 2)}
-    if not args.skip_naive:
+    if not skip_naive:
         fn, th = variants["naive"]
-        t = time_fn(fn, x, th, repeats=args.naive_repeats)
+        t = time_fn(fn, x, th, repeats=naive_repeats)
         results["naive"] = {**t, "gflops": round(flops / t["median_ms"] / 1e6, 3)}
 
     if args.torch:
@@ -156,7 +190,8 @@ def main(argv=None):
     ratios = {k: round(statistics.median(v), 3) for k, v in per_round_ratio.items()}
     if "naive" in results:
         ratios["naive/shared"] = round(results["naive"]["gflops"] / results["shared"]["gflops"], 4)
-        ratios["per_sample/naive"] = round(results["per_sample"]["gflops"] / results["naive"]["gflops"], 1)
+        for k in ps:
+            ratios[f"{k}/naive"] = round(results[k]["gflops"] / results["naive"]["gflops"], 1)
 
     print(f"\n{'variant':24s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
     rows = {k: v for k, v in results.items() if k != "torch"}
@@ -167,10 +202,11 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"rate ratio {k}: {v}")
 
-    out = write_results("conv_block", {
+    out = write_results("conv_block" + args.tag, {
         "settings": {"batch": b, "size": s, "channels": args.channels, "hidden": args.hidden,
                      "dtype": "float32", "repeats": args.repeats, "rounds": args.rounds,
-                     "naive_repeats": args.naive_repeats},
+                     "naive_repeats": 0 if skip_naive else naive_repeats, "impls": args.impls,
+                     "device": str(dev), "loadavg_1_5_15_end": list(os.getloadavg())},
         "flops_fwd_bwd_analytic": flops,
         "flops_fwd_bwd_xla_shared_lax": xla_flops,
         "flop_count_note": "rates use the analytic count 3*2*B*H*W*(C*h + 9*h*h + h*C) for every variant",

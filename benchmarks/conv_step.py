@@ -10,6 +10,18 @@ closed) × solvers (default rk4 with dt = 0.25 on [0, 1]: 16 forward evaluations
 ``dopri5`` adaptive with ``--rtol``/``--atol`` on request) × {JAX ``checkpoint`` vs torch
 ``odeint``, JAX ``backsolve`` vs torch ``odeint_adjoint``}.
 
+JAX variants: ``--impls`` (the ``ConvBlockField`` implementation, default ``auto``; e.g.
+``--impls conv_map map`` prints the before/after of issue 14 in one run) × ``--checkpoints`` (for
+the checkpoint adjoint: ``default`` = diffrax's O(log n) checkpoints with recomputation, ``steps``
+= one checkpoint per step, no recomputation, or a number); every JAX variant of a case is timed
+interleaved with the same torch step, and the ratio is taken per variant.
+
+``--devices N`` (CPU) runs the JAX step data-parallel over N simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set by the script; batch sharded along the
+mesh axis ``data``, parameters replicated, traced under ``jax.set_mesh`` so that the per-image
+loops run per device, as ``train/parallel.py`` does): the same two cores, but each device's
+per-image loop keeps one core busy, where a single device's loop runs on about one core.
+
 JAX's step is one ``jax.jit``; torch runs eagerly with ``torch.set_num_threads(--threads)`` and the
 per-sample convolution ``--torch-conv`` (default: the fastest measured, see
 ``benchmarks/torch_baseline/conv.py``). Steps are interleaved per repeat; medians after a warm-up
@@ -23,6 +35,7 @@ measured in the same run (``benchmarks.common.matmul_peak``).
 
     python -m benchmarks.conv_step [--batch 64] [--repeats 5] [--threads 2] [--device cpu]
                                    [--kinds open closed] [--solvers rk4 dopri5] [--adjoints ...]
+                                   [--impls conv_map map] [--checkpoints default steps]
 
 Writes ``benchmarks/results/conv_step<tag>.json`` and a ``.png`` beside it.
 """
@@ -38,6 +51,7 @@ import jax
 import numpy as np
 import optax
 
+from ncode_jax.conv import IMPLS, resolve_impl
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 
 from .common import (
@@ -57,30 +71,84 @@ PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -
 SOLVERS = ("rk4", "dopri5")
 
 
+def _with_impl(clf, impl):
+    """The classifier with its conv field's implementation replaced (the model is unchanged)."""
+    field = dataclasses.replace(clf.flow.field, impl=impl)
+    return dataclasses.replace(clf, flow=dataclasses.replace(clf.flow, field=field))
+
+
+def _checkpoints(spec: str, solver: str, args) -> int | None:
+    if spec == "default" or solver != "rk4":
+        return None  # diffrax's O(log n) checkpoints (adaptive: steps unknown up front)
+    if spec == "steps":
+        return max(1, round(args.t1 / args.dt))
+    return int(spec)
+
+
+def jax_variants(adjoint: str, solver: str, args) -> list[tuple[str, str, int | None]]:
+    """``(label, impl, checkpoints)`` of every JAX variant timed in one case."""
+    out = []
+    for impl in args.impls:
+        specs = args.checkpoints if adjoint == "checkpoint" else ["default"]
+        for spec in dict.fromkeys(specs):
+            ck = _checkpoints(spec, solver, args)
+            label = impl if adjoint != "checkpoint" else f"{impl}/ck={spec}"
+            if (label, impl, ck) not in out:
+                out.append((label, impl, ck))
+    return out
+
+
 def build_case(kind, solver, adjoint, *, args, jdev, tdev):
     import torch
 
     from .torch_baseline import ConvNCODE, load_jax_params
 
     shape = (args.size, args.size, 1)
-    clf = image_classifier(kind, shape, hidden=args.hidden)
+    clf0 = image_classifier(kind, shape, hidden=args.hidden)
     dt = args.dt if solver == "rk4" else None
     solve_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol, adjoint=adjoint)
-    params = jax.device_put(clf.init(jax.random.key(0)), jdev)
+    params = jax.device_put(clf0.init(jax.random.key(0)), jdev)
     images = jax.device_put(jax.random.uniform(jax.random.key(1), (args.batch, *shape)), jdev)
     labels = jax.device_put(jax.random.randint(jax.random.key(2), (args.batch,), 0, 10), jdev)
     opt = optax.adam(args.lr)
     opt_state = jax.device_put(opt.init(params), jdev)
 
-    def loss_fn(p, x, y):
-        logits, sol = clf(p, x, **solve_kw)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), sol.stats["nfe"]
+    mesh = None
+    if args.devices > 1:
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
 
-    @jax.jit
-    def jstep(p, s, x, y):
-        (loss, nfe), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss, nfe
+        mesh = Mesh(np.array(jax.devices("cpu")[: args.devices]), ("data",))
+        rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        params, opt_state = jax.device_put((params, opt_state), rep)
+        images, labels = jax.device_put((images, labels), rows)
+
+    def make_step(clf, kw):
+        def loss_fn(p, x, y):
+            logits, sol = clf(p, x, **kw)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), sol.stats["nfe"]
+
+        def step(p, s, x, y):
+            (loss, nfe), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y)
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s, loss, nfe
+
+        if mesh is None:
+            jstep = jax.jit(step)
+            return lambda: jstep(params, opt_state, images, labels)
+        jstep = jax.jit(step, in_shardings=(rep, rep, rows, rows), out_shardings=rep)
+
+        def call():
+            with jax.set_mesh(mesh):  # the per-image loops then run per device (ncode_jax.sharding)
+                return jstep(params, opt_state, images, labels)
+
+        return call
+
+    jax_fns = {}
+    for label, impl, ck in jax_variants(adjoint, solver, args):
+        kw = dict(solve_kw, checkpoints=ck) if ck is not None else solve_kw
+        jax_fns[label] = dict(call=make_step(_with_impl(clf0, impl), kw), impl=impl,
+                              resolved_impl=resolve_impl(impl), checkpoints=ck)
 
     tmodel = load_jax_params(ConvNCODE(kind, shape, hidden=args.hidden, conv_impl=args.torch_conv),
                              jax.device_get(params)).to(tdev)
@@ -106,42 +174,50 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
                 p.copy_(q)
 
     # FLOPs of one right-hand-side evaluation (+ VJP), from the loop-free twin of the field
-    flow = clf.flow
-    twin = dataclasses.replace(flow, field=dataclasses.replace(flow.field, impl="reference"))
+    twin = _with_impl(clf0, "reference").flow
     flops = eval_flops(twin, params["flow"], images)
-    return dict(jax=(lambda: jstep(params, opt_state, images, labels), lambda: None),
-                torch=(tstep, treset), tmodel=tmodel, flops=flops)
+    return dict(jax=jax_fns, torch=(tstep, treset), tmodel=tmodel, flops=flops)
 
 
 def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
+    """Rows (one per JAX variant) of one (kind, solver, adjoint) case; JAX variants and torch
+    interleaved, so every ratio compares steps timed side by side."""
     case = build_case(kind, solver, adjoint, args=args, jdev=jdev, tdev=tdev)
-    fns = {"jax": case["jax"], "torch": case["torch"]}
-    row = {"kind": kind, "solver": solver, "dt": args.dt if solver == "rk4" else None,
-           "rtol": None if solver == "rk4" else args.rtol, "atol": None if solver == "rk4" else args.atol,
-           "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": args.batch, "t1": args.t1,
-           "torch_conv": args.torch_conv, "eval_flops": case["flops"]}
+    fns = {f"jax:{k}": (v["call"], lambda: None) for k, v in case["jax"].items()}
+    fns["torch"] = case["torch"]
     warm = {k: time_fn(lambda c=call, r=reset: (r(), c())[1], repeats=1) for k, (call, reset) in fns.items()}
-    _, _, jloss, jnfe = case["jax"][0]()
     case["torch"][1]()
     tloss = case["torch"][0]()
     tm = case["tmodel"]
-    row["jax"] = {"first_call_s": warm["jax"]["compile_s"], "nfe_fwd": int(jnfe), "loss": float(jloss)}
-    row["torch"] = {"first_call_s": warm["torch"]["compile_s"], "nfe_fwd": tm.last_nfe,
-                    "nfe_bwd": tm.counter.nfe - tm.last_nfe, "loss": float(tloss)}
+    trow = {"first_call_s": warm["torch"]["compile_s"], "nfe_fwd": tm.last_nfe,
+            "nfe_bwd": tm.counter.nfe - tm.last_nfe, "loss": float(tloss)}
     times = interleaved(fns, args.repeats)
-    for k in fns:
-        row[k].update(summarize(times[k]))
-        model_flops = row[k]["nfe_fwd"] * case["flops"]["fwd_bwd"]
-        row[k].update(hardware_fraction(model_flops, row[k]["median_ms"], peak))
-    row["ratio_torch_over_jax"] = round(row["torch"]["median_ms"] / row["jax"]["median_ms"], 2)
-    row["ratio_median_of_pairs"] = round(statistics.median(
-        t / j for t, j in zip(times["torch"], times["jax"])), 2)
-    return row
+    trow.update(summarize(times["torch"]))
+    trow.update(hardware_fraction(trow["nfe_fwd"] * case["flops"]["fwd_bwd"], trow["median_ms"], peak))
+    rows = []
+    for label, v in case["jax"].items():
+        _, _, jloss, jnfe = v["call"]()
+        key = f"jax:{label}"
+        jrow = {"first_call_s": warm[key]["compile_s"], "nfe_fwd": int(jnfe), "loss": float(jloss),
+                **summarize(times[key])}
+        jrow.update(hardware_fraction(jrow["nfe_fwd"] * case["flops"]["fwd_bwd"], jrow["median_ms"], peak))
+        row = {"kind": kind, "solver": solver, "dt": args.dt if solver == "rk4" else None,
+               "rtol": None if solver == "rk4" else args.rtol, "atol": None if solver == "rk4" else args.atol,
+               "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": args.batch, "t1": args.t1,
+               "jax_impl": v["impl"], "jax_impl_resolved": v["resolved_impl"],
+               "jax_checkpoints": v["checkpoints"], "variant": label,
+               "torch_conv": args.torch_conv, "eval_flops": case["flops"], "jax": jrow, "torch": dict(trow)}
+        row["ratio_torch_over_jax"] = round(trow["median_ms"] / jrow["median_ms"], 2)
+        row["ratio_median_of_pairs"] = round(statistics.median(
+            t / j for t, j in zip(times["torch"], times[key])), 2)
+        rows.append(row)
+    return rows
 
 
 def fmt_row(r) -> str:
     j, t = r["jax"], r["torch"]
     return (f"{r['kind']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
+            f"{r['variant']:18s} "
             f"B={r['batch']:<4d} JAX {j['median_ms']:8.1f} ms (nfe {j['nfe_fwd']:3d}, first "
             f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak)  torch "
             f"{t['median_ms']:8.1f} ms (nfe {t['nfe_fwd']:3d}+{t['nfe_bwd']:3d}, "
@@ -164,8 +240,9 @@ def plot(rows, path, title):
     for i, r in enumerate(rows):
         ax.text(i, max(jm[i], tm[i]) * 1.03, f"{r['ratio_torch_over_jax']:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{r['kind']} {r['solver']}\n{r['jax_adjoint']}\nvs {r['torch_call']}\n"
-                        f"fwd NFE {r['jax']['nfe_fwd']}/{r['torch']['nfe_fwd']}" for r in rows], fontsize=8)
+    ax.set_xticklabels([f"{r['kind']} {r['solver']}\n{r['jax_adjoint']} {r['variant']}\n"
+                        f"vs {r['torch_call']}\nfwd NFE {r['jax']['nfe_fwd']}/{r['torch']['nfe_fwd']}"
+                        for r in rows], fontsize=8)
     ax.set_ylabel("ms per training step (median)")
     ax.set_ylim(0, max(jm + tm) * 1.2)
     ax.grid(axis="y", alpha=0.3)
@@ -192,13 +269,28 @@ def main(argv=None):
     p.add_argument("--solvers", nargs="+", choices=SOLVERS, default=["rk4"])
     p.add_argument("--adjoints", nargs="+", choices=tuple(PAIRS), default=list(PAIRS),
                    help="JAX adjoints (checkpoint pairs with odeint, backsolve with odeint_adjoint)")
+    p.add_argument("--impls", nargs="+", choices=[i for i in IMPLS if i != "reference"], default=["auto"],
+                   help="ConvBlockField implementations timed (auto: map on CPU, grouped on GPU)")
+    p.add_argument("--checkpoints", nargs="+", default=["default"],
+                   help="checkpoint adjoint: 'default' (diffrax, O(log n), recomputes), 'steps' (one "
+                        "per rk4 step: no recomputation) or a number; several values are timed side by side")
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--torch-conv", choices=CONV_IMPLS, default=DEFAULT_CONV_IMPL,
                    help="torch per-sample convolution")
+    p.add_argument("--devices", type=int, default=1,
+                   help="CPU: run the JAX step data-parallel on this many simulated CPU devices")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     args = p.parse_args(argv)
+    if args.devices > 1:
+        if args.device != "cpu":
+            p.error("--devices simulates CPU devices; use --device cpu")
+        if args.batch % args.devices:
+            p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
+        # read when the CPU backend starts, i.e. at the first JAX computation below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
     require_torch("benchmarks.conv_step")
     import torch
 
@@ -206,7 +298,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     jdev, tdev = pick_devices(args.device)
     print(f"JAX {jax.__version__} on {jdev} | torch {torch.__version__} on {tdev}, "
-          f"{torch.get_num_threads()} thread(s), conv {args.torch_conv} | repeats {args.repeats}", flush=True)
+          f"{torch.get_num_threads()} thread(s), conv {args.torch_conv} | repeats {args.repeats} | "
+          f"JAX step on {args.devices} of {jax.device_count()} device(s)", flush=True)
     load_start = os.getloadavg()
     with jax.default_device(jdev):
         peak_before = matmul_peak()
@@ -215,10 +308,10 @@ def main(argv=None):
     for kind in args.kinds:
         for solver in args.solvers:
             for adjoint in args.adjoints:
-                row = run_case(kind, solver, adjoint, args=args, jdev=jdev, tdev=tdev,
-                               peak=peak_before["gflops"])
-                rows.append(row)
-                print(fmt_row(row), flush=True)
+                for row in run_case(kind, solver, adjoint, args=args, jdev=jdev, tdev=tdev,
+                                    peak=peak_before["gflops"]):
+                    rows.append(row)
+                    print(fmt_row(row), flush=True)
     with jax.default_device(jdev):
         peak_after = matmul_peak()
     settings = dict(vars(args))

@@ -4,9 +4,11 @@
 #   bash benchmarks/run_all.sh --device gpu     # one GPU (sized for < 8 min on one H200; untested)
 #   bash benchmarks/run_all.sh --device cpu     # this project's 2-core CPU machines (~1 h)
 #
-# Needs the torch extra (pip install -e '.[torch]'); on a GPU machine a CUDA jaxlib and a CUDA
-# build of torch==2.13.0 (the project pins the CPU wheel, so install those there first). The
-# scripts exit with a clear message when a backend is missing. Run from the repository root.
+# Needs the torch extra (pip install -e '.[torch]'). On a GPU machine: the CUDA jaxlib of the
+# pinned jax (pip install -e '.[cuda12]'); the JAX-vs-torch scripts also need a CUDA build of
+# torch==2.13.0, which the project does not install (it pins the CPU wheel) — without it they exit
+# with a clear message and the JAX-only conv_block timing of every per-sample conv implementation
+# (map, conv_map, grouped) still runs first. Run from the repository root.
 set -euo pipefail
 DEVICE=cpu
 while [[ $# -gt 0 ]]; do
@@ -21,14 +23,25 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the accelerato
 run() { echo "+ $* (load: $(cut -d' ' -f1-3 /proc/loadavg))"; local t=$SECONDS; "$@"; echo "  took $((SECONDS - t)) s"; }
 cd "$(dirname "$0")/.."
 
+if [[ "$DEVICE" == gpu ]]; then  # JAX only: every per-sample conv implementation on the GPU
+  run python -m benchmarks.conv_block --device gpu --impls map conv_map grouped --tag "$TAG"
+fi
 run python -m benchmarks.toy_step --device "$DEVICE" --repeats 20 --no-backward-count --tag "$TAG"
+run python -m benchmarks.toy_step --device "$DEVICE" --repeats 20 --no-backward-count --checkpoints steps \
+    --tag "${TAG}_ckpt_steps"
 run python -m benchmarks.toy_step --device "$DEVICE" --sweep batch --loops closed --solvers rk4 --tag "$TAG"
-run python -m benchmarks.conv_step --device "$DEVICE" --kinds open closed --solvers rk4 --tag "$TAG"
+if [[ "$DEVICE" == gpu ]]; then  # auto = grouped on GPU; map (the CPU loop) beside it
+  run python -m benchmarks.conv_step --device gpu --kinds open closed --solvers rk4 --impls auto map \
+      --checkpoints default steps --tag "$TAG"
+else  # before (conv_map, diffrax's default checkpoints) / after (map, no recomputation), same run
+  run python -m benchmarks.conv_step --device cpu --kinds open closed --solvers rk4 --impls conv_map map \
+      --checkpoints default steps --repeats 3 --tag "$TAG"
+fi
 run python -m benchmarks.conv_step --device "$DEVICE" --kinds open --solvers dopri5 --adjoints checkpoint \
     --tag "${TAG}_adaptive"
 run python -m benchmarks.latent_flow_step --device "$DEVICE" --tag "$TAG"
 if [[ "$DEVICE" == cpu ]]; then  # CPU-only studies (process RSS; torch variants on CPU tensors)
-  run python -m benchmarks.conv_block --torch --skip-naive
+  run python -m benchmarks.conv_block --torch --skip-naive --tag "$TAG"
   run python -m benchmarks.memory
 fi
 echo "done: results in benchmarks/results/*${TAG}*.json"

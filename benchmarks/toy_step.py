@@ -15,6 +15,11 @@ evaluations of the backward pass, the ratio torch/JAX, and both losses as a sani
     python -m benchmarks.toy_step [--batch 256] [--repeats 30] [--threads 2] [--device cpu]
     python -m benchmarks.toy_step --sweep batch      # batch 32..1024 (fewer repeats)
     python -m benchmarks.toy_step --sweep horizon    # T in (0.5, 1, 2, 4)
+    python -m benchmarks.toy_step --checkpoints steps  # checkpoint adjoint without recomputation
+
+``--checkpoints`` sets ``solve(checkpoints=...)`` of the checkpoint adjoint: ``default`` (diffrax's
+O(log n) checkpoints, recomputing the rest), ``steps`` (one per step: rk4 ``ceil(T/dt)``; dopri5
+:data:`ADAPTIVE_CHECKPOINTS`, more than the toy solves take) or a number.
 
 Writes ``benchmarks/results/toy_step[_<sweep>][<tag>].json`` and a ``.png`` beside it.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 
@@ -48,6 +54,17 @@ from .common import (
 
 LOOPS = ("open", "closed")
 SOLVERS = {"rk4": dict(solver="rk4", dt=0.1), "dopri5": dict(solver="dopri5", dt=None)}
+ADAPTIVE_CHECKPOINTS = 64  # dopri5 takes 4-8 steps on these toys
+
+
+def checkpoints_for(spec: str, solver_name: str, t1: float) -> int | None:
+    """``solve(checkpoints=...)`` for ``--checkpoints spec`` (None: diffrax's default)."""
+    if spec == "default":
+        return None
+    if spec == "steps":
+        dt = SOLVERS[solver_name]["dt"]
+        return ADAPTIVE_CHECKPOINTS if dt is None else max(1, math.ceil(t1 / dt - 1e-9))
+    return int(spec)
 PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -> torch call
 SWEEPS = {"batch": (32, 64, 128, 256, 512, 1024), "horizon": (0.5, 1.0, 2.0, 4.0)}
 
@@ -91,7 +108,7 @@ def jax_backward_nfe(kind, x0, params, solve_kw) -> int:
     return _CALLS[0] - n_fwd
 
 
-def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, tdev):
+def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, tdev, checkpoints=None):
     """The two training steps of one case, sharing weights and data."""
     import torch
 
@@ -99,6 +116,8 @@ def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, t
 
     solver, dt = SOLVERS[solver_name]["solver"], SOLVERS[solver_name]["dt"]
     solve_kw = dict(t1=t1, solver=solver, dt=dt, rtol=rtol, atol=atol, adjoint=adjoint)
+    if adjoint == "checkpoint" and checkpoints is not None:
+        solve_kw["checkpoints"] = checkpoints
     model = nc.NCODE.build(kind, nc.MLPField(2, 16), (2,))
     # committed to jdev, so every jit below runs there (also when another backend is the default)
     params = jax.device_put(model.init(jax.random.key(0)), jdev)
@@ -145,13 +164,15 @@ def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, t
 
 def run_case(kind, solver_name, adjoint, *, batch, t1, repeats, args, jdev, tdev, count_backward,
              peak):
+    ck = checkpoints_for(args.checkpoints, solver_name, t1) if adjoint == "checkpoint" else None
     case = build_case(kind, solver_name, adjoint, batch=batch, t1=t1, lr=args.lr, rtol=args.rtol,
-                      atol=args.atol, jdev=jdev, tdev=tdev)
+                      atol=args.atol, jdev=jdev, tdev=tdev, checkpoints=ck)
     fns = {"jax": case["jax"], "torch": case["torch"]}
     row = {"loop": kind, "solver": solver_name, "dt": SOLVERS[solver_name]["dt"],
            "rtol": None if solver_name == "rk4" else args.rtol,
            "atol": None if solver_name == "rk4" else args.atol,
-           "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": batch, "t1": t1}
+           "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": batch, "t1": t1,
+           "jax_checkpoints": ck}
     # first calls: JAX traces + compiles; torch warms up (time_fn: first call + one timed call)
     warm = {k: time_fn(lambda c=call, r=reset: (r(), c())[1], repeats=1) for k, (call, reset) in fns.items()}
     _, _, jloss, jnfe = case["jax"][0]()
@@ -180,7 +201,8 @@ def run_case(kind, solver_name, adjoint, *, batch, t1, repeats, args, jdev, tdev
 def fmt_row(r) -> str:
     j, t = r["jax"], r["torch"]
     bwd = lambda d: "?" if d.get("nfe_bwd") is None else d["nfe_bwd"]  # noqa: E731
-    return (f"{r['loop']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
+    ck = "" if r.get("jax_checkpoints") is None else f" ck={r['jax_checkpoints']}"
+    return (f"{r['loop']:6s} {r['solver']:6s} {r['jax_adjoint'] + ck:16s}/{r['torch_call']:14s} "
             f"B={r['batch']:<5d} T={r['t1']:<4g} JAX {j['median_ms']:8.2f} ms (nfe {j['nfe_fwd']:3d}+"
             f"{bwd(j)!s:>3s}, first {j['first_call_s']:5.2f} s)  torch {t['median_ms']:8.2f} ms "
             f"(nfe {t['nfe_fwd']:3d}+{bwd(t)!s:>3s})  peak% {100 * j['fraction_of_matmul_peak']:.2f}/"
@@ -292,6 +314,8 @@ def main(argv=None):
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tag", default="", help="suffix for the output file names")
+    p.add_argument("--checkpoints", default="default",
+                   help="checkpoint adjoint: 'default' (diffrax, recomputes), 'steps' (none) or N")
     p.add_argument("--no-backward-count", action="store_true",
                    help="skip the instrumented JAX run that counts backward field evaluations")
     args = p.parse_args(argv)

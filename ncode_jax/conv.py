@@ -5,31 +5,48 @@
 ``hidden → hidden`` and a 1×1 convolution ``hidden → C``, each with a bias.
 
 With shared θ ``(P,)`` (NODE/ANODE) this is an ordinary conv block. With per-sample θ ``(B, P)``
-(N-CODE) every image is convolved with its *own* kernels, which is where naive JAX is slow on
-CPU (DESIGN.md fact 3): ``jax.vmap(lax.conv)`` becomes a grouped convolution (~30× slower than
-shared kernels), and XLA's transpose of a convolution w.r.t. its *kernel* is slow even with
-shared kernels (a single-feature convolution with a 28×28 "window").
+(N-CODE) every image is convolved with its *own* kernels, which is where naive JAX is slow
+(DESIGN.md fact 3): ``jax.vmap(lax.conv)`` becomes a grouped convolution (~30× slower than
+shared kernels on CPU), and XLA's transpose of a convolution w.r.t. its *kernel* is slow even
+with shared kernels (a single-feature convolution with a 28×28 "window").
 
-What is fast here, measured in ``benchmarks/conv_block.py`` (see benchmarks/README.md):
+Implementations of the per-sample block (``ConvBlockField(impl=...)``, and ``impl=`` of
+:func:`per_sample_conv3x3`), all equal to plain autodiff of :func:`naive_per_sample_conv` to
+float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
 
-* the **forward** pass and the **input gradient** are ordinary convolutions
-  (``lax.conv_general_dilated``; the input gradient of a stride-1 ``'SAME'`` 3×3 convolution is
-  the convolution of the output cotangent with the spatially flipped, in/out-transposed kernel);
-* the **kernel gradient** is a matrix product ``im2col(x)ᵀ @ g`` — ``(9·C, H·W) @ (H·W, D)`` per
-  image — instead of XLA's kernel-transpose convolution (:func:`conv3x3` has a ``custom_vjp``);
-* per-sample kernels run image by image with :func:`jax.lax.map` (a loop, not a ``vmap``), so
-  each image is a plain batch-1 convolution and its intermediates (``H·W·hidden`` floats) stay
-  in cache. :class:`ConvBlockField` maps the *whole block* per image. Under a data-parallel
-  mesh these loops run per device over its own images (:mod:`ncode_jax.sharding`).
+* ``"map"`` (CPU; what ``"auto"`` picks there) — the *whole block* is one ``custom_vjp``
+  evaluated image by image with :func:`jax.lax.map`: the forward 3×3 convolution is XLA's
+  batch-1 convolution (the least work measured in the block, benchmarks/README.md), the backward
+  pass is im2col matrix products ``(H·W, 9h) @ (9h, h)`` per image: input gradient
+  ``im2col(ḡ) @ flip(W₂)ᵀ``, kernel gradient ``im2col(σ(a₁))ᵀ @ ḡ``. The 1×1 layers, biases and
+  activations of an image run in the same loop iteration, so its intermediates stay in cache; the
+  backward pass keeps only the two pre-activations ``a₁, a₂`` of every image as residuals and
+  computes all cotangents of an image in one iteration (no XLA convolution transpose).
+* ``"grouped"`` (accelerators; what ``"auto"`` picks on GPU/TPU) — batched ops, no loop over
+  images: the 1×1 layers are batched matrix products, the 3×3 convolution a *grouped*
+  convolution (batch folded into channels, ``feature_group_count=B``) for the forward pass and
+  for the input gradient, and a batched matrix product (one per tap, contracting over pixels)
+  for the kernel gradient, under a ``custom_vjp`` (XLA's own backward of a grouped convolution
+  w.r.t. its kernel is slow on CUDA, jax issue #13800). On CPU it is correct but slow.
+* ``"conv_map"`` — the previous CPU path, kept for before/after benchmarks: ``lax.map`` of the
+  block with batch-1 ``lax.conv`` forward and input gradient and an im2col kernel gradient.
+* ``"reference"`` — plain ``lax.conv`` + autodiff, ``vmap`` over the batch (slow, obviously
+  correct: the baseline of the tests and of the FLOP counts).
+* ``"auto"`` (default) — ``"map"`` when JAX's default backend is ``cpu``, ``"grouped"``
+  otherwise; decided when the field is traced (:func:`resolve_impl`).
 
-The custom VJP makes these functions reverse-mode only (``jax.grad``/``jax.vjp``; forward-mode
-``jax.jvp`` through them raises). :func:`naive_per_sample_conv` and ``impl="reference"`` are the
-plain-autodiff references used by the tests and the benchmark.
+Shared θ runs batched convolutions with an im2col kernel gradient (``map``, ``conv_map``) or
+plain ``lax.conv`` autodiff (``grouped``: cuDNN is fine with shared kernels; ``reference``).
+Under a data-parallel mesh the per-image loops run per device over its own images
+(:mod:`ncode_jax.sharding`). The custom VJPs make the fast paths reverse-mode only
+(``jax.grad``/``jax.vjp``; forward-mode ``jax.jvp`` through them raises).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import jax
@@ -42,17 +59,28 @@ from .layout import ParamLayout, ParamSpec
 from .sharding import batch_map, batch_sum
 
 _DN = ("NHWC", "HWIO", "NHWC")
-IMPLS = ("fast", "reference")
+IMPLS = ("auto", "map", "grouped", "conv_map", "reference")
+Impl = Literal["auto", "map", "grouped", "conv_map", "reference"]
 
 
-def _conv_same(x: Array, w: Array) -> Array:
+def resolve_impl(impl: str) -> str:
+    """``"auto"`` → ``"map"`` on JAX's CPU backend, ``"grouped"`` on any other (GPU, TPU); any
+    other name is returned unchanged after a check."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(IMPLS)}")
+    if impl == "auto":
+        return "map" if jax.default_backend() == "cpu" else "grouped"
+    return impl
+
+
+def _conv_same(x: Array, w: Array, groups: int = 1) -> Array:
     """Stride-1 ``'SAME'`` convolution, NHWC input ``(N, H, W, C)``, HWIO kernel."""
-    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=groups)
 
 
-def _flip_transpose(w: Float[Array, "kh kw C D"]) -> Float[Array, "kh kw D C"]:
+def _flip_transpose(w: Float[Array, "*b kh kw C D"]) -> Float[Array, "*b kh kw D C"]:
     """Kernel of the input gradient: spatially flipped, in/out channels swapped."""
-    return jnp.swapaxes(w[::-1, ::-1], 2, 3)
+    return jnp.swapaxes(jnp.flip(w, (-4, -3)), -2, -1)
 
 
 def _im2col(x: Float[Array, "H W C"]) -> Float[Array, "HW 9C"]:
@@ -61,6 +89,12 @@ def _im2col(x: Float[Array, "H W C"]) -> Float[Array, "HW 9C"]:
     xp = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
     taps = [xp[i : i + h, j : j + w] for i in range(3) for j in range(3)]
     return jnp.concatenate(taps, axis=-1).reshape(h * w, 9 * c)
+
+
+def _conv_mm(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "H W D"]:
+    """3×3 ``'SAME'`` convolution of one image as one ``(HW, 9C) @ (9C, D)`` matrix product."""
+    h, wd, c = x.shape
+    return (_im2col(x) @ w.reshape(9 * c, -1)).reshape(h, wd, -1)
 
 
 def _kernel_grad(x: Float[Array, "H W C"], g: Float[Array, "H W D"]) -> Float[Array, "3 3 C D"]:
@@ -85,6 +119,7 @@ def _check_kernel(w: Array, c: int, batch: int | None, who: str) -> None:
 
 @jax.custom_vjp
 def _conv3x3(x, w):
+    """Batch-1 ``lax.conv`` forward and input gradient, im2col kernel gradient (``conv_map``)."""
     return _conv_same(x[None], w)[0]
 
 
@@ -100,17 +135,35 @@ def _conv3x3_bwd(res, g):
 _conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
+@jax.custom_vjp
+def _conv3x3_mm(x, w):
+    """Everything an im2col matrix product (``map``)."""
+    return _conv_mm(x, w)
+
+
+def _conv3x3_mm_fwd(x, w):
+    return _conv_mm(x, w), (x, w)
+
+
+def _conv3x3_mm_bwd(res, g):
+    x, w = res
+    return _conv_mm(g, _flip_transpose(w)), _kernel_grad(x, g)
+
+
+_conv3x3_mm.defvjp(_conv3x3_mm_fwd, _conv3x3_mm_bwd)
+
+
 def conv3x3(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "H W D"]:
     """3×3 ``'SAME'`` convolution of ONE image ``x (H, W, C)`` with kernel ``w (3, 3, C, D)``.
 
-    Forward and input gradient are convolutions, the kernel gradient an im2col matrix product
-    (reverse-mode only, see the module docstring). Map it over a batch with :func:`jax.lax.map`
+    Forward, input gradient and kernel gradient are im2col matrix products (reverse-mode only,
+    see the module docstring). Map it over a batch with :func:`jax.lax.map`
     (:func:`per_sample_conv3x3`), not ``vmap``: a vmapped convolution is a grouped one.
     """
     if x.ndim != 3:
         raise ValueError(f"conv3x3: x must be one image (H, W, C), got shape {tuple(x.shape)}")
     _check_kernel(w, x.shape[-1], None, "conv3x3")
-    return _conv3x3(x, w)
+    return _conv3x3_mm(x, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,16 +205,69 @@ def shared_conv3x3(x: Float[Array, "B H W C"], w: Float[Array, "3 3 C D"]) -> Fl
 # ---------------------------------------------------------------------------------------------
 
 
-def per_sample_conv3x3(x: Float[Array, "B H W C"], w: Float[Array, "B 3 3 C D"]) -> Float[Array, "B H W D"]:
+def _grouped(x: Float[Array, "B H W C"], w: Float[Array, "B 3 3 C D"]) -> Float[Array, "B H W D"]:
+    """Every image its own kernel as ONE grouped convolution: the batch is folded into the
+    channels (``(1, H, W, B·C)``, ``B`` groups of ``C → D``)."""
+    b, h, wd, c = x.shape
+    d = w.shape[-1]
+    xg = jnp.transpose(x, (1, 2, 0, 3)).reshape(1, h, wd, b * c)
+    wg = jnp.transpose(w, (1, 2, 3, 0, 4)).reshape(3, 3, c, b * d)
+    y = _conv_same(xg, wg, groups=b)
+    return jnp.transpose(y.reshape(h, wd, b, d), (2, 0, 1, 3))
+
+
+def _batched_kernel_grad(x: Float[Array, "B H W C"], g: Float[Array, "B H W D"]) -> Float[Array, "B 3 3 C D"]:
+    """Per-image kernel gradients, batched: for each of the 9 taps one batched matrix product
+    ``Σ_p x_shifted[b, p, c] g[b, p, d]`` (no loop over images, no im2col buffer)."""
+    h, wd = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = [
+        jnp.einsum("bhwc,bhwd->bcd", xp[:, i : i + h, j : j + wd], g) for i in range(3) for j in range(3)
+    ]
+    return jnp.stack(taps, 1).reshape(x.shape[0], 3, 3, x.shape[-1], g.shape[-1])
+
+
+@jax.custom_vjp
+def _grouped_conv3x3(x, w):
+    return _grouped(x, w)
+
+
+def _grouped_fwd(x, w):
+    return _grouped(x, w), (x, w)
+
+
+def _grouped_bwd(res, g):
+    x, w = res
+    return _grouped(g, _flip_transpose(w)), _batched_kernel_grad(x, g)
+
+
+_grouped_conv3x3.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def per_sample_conv3x3(
+    x: Float[Array, "B H W C"], w: Float[Array, "B 3 3 C D"], impl: Impl = "auto"
+) -> Float[Array, "B H W D"]:
     """``out[b] = conv3x3(x[b], w[b])``: every image its own 3×3 kernel (N-CODE).
 
-    A :func:`jax.lax.map` of :func:`conv3x3` over the batch: each image is a batch-1 convolution
-    (fast), never a grouped one. Equals :func:`naive_per_sample_conv` to float rounding.
+    ``impl``: ``"map"`` — a :func:`jax.lax.map` of :func:`conv3x3` (im2col matrix products image
+    by image, never a grouped convolution; the field's ``"map"`` block uses XLA's batch-1
+    convolution for its forward pass instead); ``"grouped"`` — one grouped convolution forward and
+    for the input gradient, batched per-tap matrix products for the kernel gradient;
+    ``"conv_map"`` — ``lax.map`` of batch-1 ``lax.conv`` with an im2col kernel gradient;
+    ``"reference"`` — :func:`naive_per_sample_conv`; ``"auto"`` — see :func:`resolve_impl`.
+    All equal :func:`naive_per_sample_conv` to float rounding.
     """
     if x.ndim != 4:
         raise ValueError(f"per_sample_conv3x3: x must be (B, H, W, C), got shape {tuple(x.shape)}")
     _check_kernel(w, x.shape[-1], x.shape[0], "per_sample_conv3x3")
-    return batch_map(lambda xw: _conv3x3(*xw), (x, w))
+    impl = resolve_impl(impl)
+    if impl == "map":
+        return batch_map(lambda xw: _conv3x3_mm(*xw), (x, w))
+    if impl == "conv_map":
+        return batch_map(lambda xw: _conv3x3(*xw), (x, w))
+    if impl == "grouped":
+        return _grouped_conv3x3(x, w)
+    return naive_per_sample_conv(x, w)
 
 
 def naive_per_sample_conv(
@@ -175,6 +281,63 @@ def naive_per_sample_conv(
             f"{tuple(x.shape)} and {tuple(w.shape)}"
         )
     return jax.vmap(lambda xb, wb: _conv_same(xb[None], wb)[0])(x, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole per-sample block, image by image, under one custom VJP (impl="map")
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_image(sigma, x, w):
+    """One image ``x (H, W, C)``, its weights ``w``: ``(y, (a₁, a₂))`` with the pre-activations
+    ``a₁ (HW, h)`` and ``a₂ (HW, h)`` kept for the backward pass."""
+    h, wd, c = x.shape
+    hid = w["b1"].shape[-1]
+    a1 = x.reshape(h * wd, c) @ w["w1"] + w["b1"]
+    a2 = _conv_same(sigma(a1).reshape(1, h, wd, hid), w["w2"]).reshape(h * wd, hid) + w["b2"]
+    y = sigma(a2) @ w["w3"] + w["b3"]
+    return y.reshape(h, wd, c), (a1, a2)
+
+
+def _block_image_bwd(sigma, x, w, a1, a2, g):
+    """Cotangents ``(x̄, w̄)`` of one image from its residuals and the output cotangent ``g``."""
+    h, wd, c = x.shape
+    hid = w["b1"].shape[-1]
+    g = g.reshape(h * wd, c)
+    h1, act1 = jax.vjp(sigma, a1)
+    h2, act2 = jax.vjp(sigma, a2)
+    (da2,) = act2(g @ w["w3"].T)
+    dw2 = _im2col(h1.reshape(h, wd, hid)).T @ da2
+    dh1 = _im2col(da2.reshape(h, wd, hid)) @ _flip_transpose(w["w2"]).reshape(9 * hid, hid)
+    (da1,) = act1(dh1)
+    dx = da1 @ w["w1"].T
+    dw = {
+        "w1": x.reshape(h * wd, c).T @ da1,
+        "b1": da1.sum(0),
+        "w2": dw2.reshape(3, 3, hid, hid),
+        "b2": da2.sum(0),
+        "w3": h2.T @ g,
+        "b3": g.sum(0),
+    }
+    return dx.reshape(h, wd, c), dw
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _map_block(sigma: Callable, x, w):
+    return batch_map(lambda xw: _block_image(sigma, *xw)[0], (x, w))
+
+
+def _map_block_fwd(sigma, x, w):
+    y, (a1, a2) = batch_map(lambda xw: _block_image(sigma, *xw), (x, w))
+    return y, (x, w, a1, a2)
+
+
+def _map_block_bwd(sigma, res, g):
+    x, w, a1, a2 = res
+    return batch_map(lambda r: _block_image_bwd(sigma, *r), (x, w, a1, a2, g))
+
+
+_map_block.defvjp(_map_block_fwd, _map_block_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +357,9 @@ class ConvBlockField(VectorField):
     (LeCun-normal kernels with fan-in ``C``, ``9h``, ``h``; zero biases). The field does not
     depend on ``t``.
 
-    ``impl="fast"`` (default): shared θ runs batched convolutions with a matrix-product kernel
-    gradient; per-sample θ runs the whole block image by image (:func:`jax.lax.map`) with
-    :func:`conv3x3`. ``impl="reference"``: plain ``lax.conv`` + autodiff, ``vmap`` over the batch
-    for per-sample θ (the slow, obviously-correct baseline for tests and benchmarks).
-    The fast path is reverse-mode only (custom VJP).
+    ``impl``: ``"auto"`` (default: ``"map"`` on CPU, ``"grouped"`` on GPU/TPU), ``"map"``,
+    ``"grouped"``, ``"conv_map"`` or ``"reference"`` — see the module docstring. All compute the
+    same function; the fast ones are reverse-mode only (custom VJP).
     """
 
     channels: int
@@ -206,7 +367,7 @@ class ConvBlockField(VectorField):
     width: int
     hidden: int = 50
     act: str = "relu"
-    impl: Literal["fast", "reference"] = "fast"
+    impl: Impl = "auto"
 
     def __post_init__(self):
         activation(self.act)
@@ -262,11 +423,16 @@ class ConvBlockField(VectorField):
         x = x.astype(dtype)
         w = {k: v.astype(dtype) for k, v in w.items()}
         per_sample = w["w1"].ndim == 3
-        if self.impl == "reference":
+        impl = resolve_impl(self.impl)
+        sigma = activation(self.act)
+        if impl == "reference" or (impl == "grouped" and not per_sample):
             return self._apply_reference(x, w, per_sample)
         if per_sample:
-            return batch_map(lambda xw: self._one_image(*xw), (x, w))
-        sigma = activation(self.act)
+            if impl == "map":
+                return _map_block(sigma, x, w)
+            if impl == "conv_map":
+                return batch_map(lambda xw: self._one_image(*xw), (x, w))
+            return self._apply_grouped(x, w)
         hid = sigma(x @ w["w1"] + w["b1"])
         hid = sigma(_shared_conv3x3(hid, w["w2"]) + w["b2"])
         return hid @ w["w3"] + w["b3"]
@@ -276,6 +442,13 @@ class ConvBlockField(VectorField):
         hid = sigma(x @ w["w1"] + w["b1"])
         hid = sigma(_conv3x3(hid, w["w2"]) + w["b2"])
         return hid @ w["w3"] + w["b3"]
+
+    def _apply_grouped(self, x, w):
+        sigma = activation(self.act)
+        bias = lambda b: b[:, None, None, :]  # noqa: E731
+        hid = sigma(jnp.einsum("bhwc,bcd->bhwd", x, w["w1"]) + bias(w["b1"]))
+        hid = sigma(_grouped_conv3x3(hid, w["w2"]) + bias(w["b2"]))
+        return jnp.einsum("bhwc,bcd->bhwd", hid, w["w3"]) + bias(w["b3"])
 
     def _apply_reference(self, x, w, per_sample: bool):
         sigma = activation(self.act)

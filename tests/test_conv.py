@@ -1,5 +1,6 @@
-"""Conv-block field: the fast per-sample/shared paths equal plain lax.conv + autodiff (values and
-gradients, float64 and float32), shape errors name the problem, and the field runs inside solve."""
+"""Conv-block field: every implementation (map, grouped, conv_map; the GPU one runs on CPU here)
+equals plain lax.conv + autodiff (values and gradients, float64 and float32), ``impl="auto"``
+follows the backend, shape errors name the problem, and the field runs inside solve."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from ncode_jax.conv import (
     conv3x3,
     naive_per_sample_conv,
     per_sample_conv3x3,
+    resolve_impl,
     shared_conv3x3,
 )
 
@@ -49,8 +51,9 @@ def _value_and_grads(f, *args):
     return run(*args)
 
 
-FAST = ConvBlockField(C, H, W, hidden=HID)
+FAST = ConvBlockField(C, H, W, hidden=HID)  # impl="auto": "map" on CPU
 REF = ConvBlockField(C, H, W, hidden=HID, impl="reference")
+FIELD_IMPLS = ("map", "grouped", "conv_map")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,16 +61,34 @@ REF = ConvBlockField(C, H, W, hidden=HID, impl="reference")
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)], ids=["f64", "f32"])
-def test_per_sample_conv_matches_naive(dtype, tol):
+PER_SAMPLE_IMPLS = ("map", "grouped", "conv_map")
+
+
+@pytest.mark.parametrize(
+    "impl, dtype, tol",
+    [*((i, jnp.float64, 1e-12) for i in PER_SAMPLE_IMPLS), ("map", jnp.float32, 1e-5)],
+    ids=[*(f"f64-{i}" for i in PER_SAMPLE_IMPLS), "f32-map"],
+)
+def test_per_sample_conv_matches_naive(impl, dtype, tol):
     x, w = _normal(0, (B, H, W, C), dtype), _normal(1, (B, 3, 3, C, 7), dtype)
-    y, g = _value_and_grads(per_sample_conv3x3, x, w)
+    y, g = _value_and_grads(lambda a, k: per_sample_conv3x3(a, k, impl), x, w)
     y_ref, g_ref = _value_and_grads(naive_per_sample_conv, x, w)
     assert y.shape == (B, H, W, 7) and y.dtype == dtype and g[1].dtype == dtype
     np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
     assert tree_rel_err(g, g_ref) < tol
     # the naive reference itself is sample-by-sample lax.conv
     np.testing.assert_allclose(y_ref[1], _lax_conv(x[1:2], w[1])[0], rtol=tol, atol=tol)
+
+
+def test_resolve_impl(monkeypatch):
+    assert jax.default_backend() == "cpu" and resolve_impl("auto") == "map"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_impl("auto") == "grouped"
+    assert resolve_impl("map") == "map" and resolve_impl("reference") == "reference"
+    with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
+        resolve_impl("fft")
+    with pytest.raises(ValueError, match="unknown conv impl"):
+        per_sample_conv3x3(_normal(0, (B, H, W, C)), _normal(1, (B, 3, 3, C, 4)), "fft")
 
 
 def test_single_image_and_shared_conv_match_lax_float64():
@@ -136,12 +157,22 @@ def field_fns():
 
         return jax.jit(val), lambda x, th: _value_and_grads(val, x, th)[1]
 
-    return {"fast": fns(FAST), "reference": fns(REF)}
+    out = {impl: fns(ConvBlockField(C, H, W, hidden=HID, impl=impl)) for impl in FIELD_IMPLS}
+    out["tanh"] = fns(ConvBlockField(C, H, W, hidden=HID, act="tanh"))
+    out["tanh_reference"] = fns(ConvBlockField(C, H, W, hidden=HID, act="tanh", impl="reference"))
+    return {"reference": fns(REF), **out}
 
 
-@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
-def test_field_fast_equals_reference_float64(field_fns, per_sample):
-    (fast, fast_grad), (ref, ref_grad) = field_fns["fast"], field_fns["reference"]
+@pytest.mark.parametrize(
+    "impl, per_sample",
+    [("map", False), ("grouped", False), *((i, True) for i in (*FIELD_IMPLS, "tanh"))],
+    ids=["shared-map", "shared-grouped", *(f"per_sample-{i}" for i in (*FIELD_IMPLS, "tanh"))],
+)
+def test_field_impl_equals_reference_float64(field_fns, impl, per_sample):
+    """Every implementation (``tanh``: the ``map`` path with another activation); shared θ runs
+    the same code under ``map`` and ``conv_map``."""
+    (fast, fast_grad) = field_fns[impl]
+    ref, ref_grad = field_fns["tanh_reference" if impl == "tanh" else "reference"]
     x = _normal(10, (B, H, W, C))
     theta = _theta(11, B if per_sample else None)
     y = fast(x, theta)
@@ -155,7 +186,7 @@ def test_field_fast_equals_reference_float64(field_fns, per_sample):
 def test_field_per_sample_is_sample_by_sample(field_fns):
     """Per-sample θ: sample b of the batch equals the shared field run on the whole batch with
     θ[b]; identical rows equal the shared path."""
-    fast = field_fns["fast"][0]
+    fast = field_fns["map"][0]
     x, theta = _normal(12, (B, H, W, C)), _theta(13, B)
     y = fast(x, theta)
     for b in range(B):
@@ -164,14 +195,20 @@ def test_field_per_sample_is_sample_by_sample(field_fns):
     np.testing.assert_allclose(fast(x, same), fast(x, theta[0]), rtol=1e-12, atol=1e-12)
 
 
-def test_field_float32_values(field_fns):
-    fast, ref = field_fns["fast"][0], field_fns["reference"][0]
+@pytest.mark.parametrize("impl", FIELD_IMPLS)
+def test_field_float32(field_fns, impl):
+    """float32 values (shared and per-sample θ) and per-sample gradients against the float64
+    reference."""
+    (fast, fast_grad), (ref, ref_grad) = field_fns[impl], field_fns["reference"]
     x, theta = _normal(14, (B, H, W, C), jnp.float32), _theta(15, B, jnp.float32)
-    for th in (theta, theta[0]):
+    x64, th64 = x.astype(jnp.float64), theta.astype(jnp.float64)
+    for th, th_ref in ((theta, th64), (theta[0], th64[0])):
         y = fast(x, th)
         assert y.dtype == jnp.float32
-        y64 = ref(x.astype(jnp.float64), th.astype(jnp.float64))
-        np.testing.assert_allclose(y, y64, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, ref(x64, th_ref), rtol=1e-5, atol=1e-5)
+    g = fast_grad(x, theta)
+    assert g[1].dtype == jnp.float32
+    assert tree_rel_err(g, ref_grad(x64, th64)) < 1e-5
 
 
 def test_field_errors():
