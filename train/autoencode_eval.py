@@ -43,7 +43,9 @@ from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
 from ncode_jax.metrics.batching import map_batches
 from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS, Autoencoder
 
-from .autoencode import load_data, load_trained
+from . import autoencode
+from .config import UserError, build
+from .engine import load_run
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -62,14 +64,16 @@ class Features:
         if inception_weights is not None:
             from ncode_jax.metrics import inception
 
-            variables = inception.load_inception_params(inception_weights)
+            try:
+                variables = inception.load_inception_params(inception_weights)
+            except Exception as e:  # noqa: BLE001 - a bad weights file is the user's input
+                raise UserError(f"--inception-weights {inception_weights}: cannot read it ({e})") from None
             self.fn = lambda images: inception.inception_features(variables, images)
             self.name = "FID"
         elif dataset in DIGIT_SETS:
-            from ncode_jax.metrics.digit_features import load_or_train_digit_extractor
+            from .digit_features import load_or_train
 
-            extractor = load_or_train_digit_extractor(workdir / "digit_features.npz", dataset,
-                                                      data_dir=data_dir, seed=0)
+            extractor = load_or_train(workdir / "digit_features", dataset, data_dir=data_dir)
             self.fn = extractor.features
             self.name = DIGIT_FID
             self.info = extractor.info
@@ -194,17 +198,21 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out:
     return out
 
 
-def evaluate_model(model_dir: Path, train, test, features: Features, real_feats, *, components,
+def evaluate_model(run, train, test, features: Features, real_feats, *, components,
                    n_samples: int, fit_split: str, kde_bandwidth, seed: int) -> tuple[dict, dict]:
-    """Metrics for one trained model and the arrays the figures need."""
-    cfg, model, variables = load_trained(model_dir, image_shape=test.image_shape)
+    """Metrics for one trained model (a :func:`~train.engine.load_run` result) and the arrays the
+    figures need."""
+    cfg, model, variables = run.config, run.model, run.params
     latent = jax.jit(model.latent)
     decode = jax.jit(model.decode)
     t0 = time.perf_counter()
     codes_test = batched(lambda x: latent(variables, x), test.images)
     codes_fit = codes_test if fit_split == "test" else batched(lambda x: latent(variables, x), train.images)
     recon = batched(lambda z: decode(variables, z), codes_test)
-    result = {"model": cfg.model, "label": MODEL_LABELS[cfg.model], "num_params": model.num_params(),
+    label = MODEL_LABELS[cfg.model] + ("" if run.finished else f" (UNFINISHED: step {run.step} of "
+                                                                f"{run.task.total_steps})")
+    result = {"model": cfg.model, "label": label, "finished": run.finished, "step": run.step,
+              "num_params": model.num_params(),
               "latent_dim": model.latent_dim,
               "test_mse": float(np.mean((recon - test.images) ** 2)), "fid_name": features.name,
               "fit_split": fit_split, "n_fit_codes": int(codes_fit.shape[0]), "samplers": {}}
@@ -258,25 +266,35 @@ def results_table(results: list[dict], components) -> str:
 
 def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: int = 10000,
         fit_split: str = "train", kde_bandwidth=None, inception_weights=None, seed: int = 0,
-        n_figure: int = 8, tsne_points: int = 1000) -> list[dict]:
+        n_figure: int = 8, tsne_points: int = 1000, allow_unfinished: bool = False) -> list[dict]:
+    """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
+    unless ``allow_unfinished``, and then labelled UNFINISHED in every output."""
     dirs = model_dirs(workdir, models)
-    cfg0 = json.loads((dirs[0] / "config.json").read_text())
-    from .autoencode import AutoencodeConfig
-
-    train, test = load_data(AutoencodeConfig.from_dict(cfg0))
+    record = json.loads((dirs[0] / "config.json").read_text())
+    if record.get("task") != "autoencode":
+        raise UserError(f"{dirs[0]}/config.json was not written by this version of train.autoencode")
+    cfg0 = build(autoencode.AutoencodeConfig, record["config"])
+    data = autoencode.Task(cfg0)
+    train, test = data.train, data.test
     n_fit = test.num_examples if fit_split == "test" else train.num_examples
     too_many = [k for k in components if k > n_fit]
     if too_many:
         raise ValueError(f"cannot fit Gaussian mixtures with {too_many} components to the {n_fit} latent "
                          f"codes of the {fit_split} split: use at most {n_fit} components")
+    runs = {d: load_run(d) for d in dirs}
+    unfinished = [f"{d.name} (step {r.step} of {r.task.total_steps})" for d, r in runs.items()
+                  if not r.finished]
+    if unfinished and not allow_unfinished:
+        raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
+                        "to finish them, or pass --allow-unfinished to evaluate them labelled as such")
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    features = Features(workdir, cfg0["dataset"], cfg0.get("data_dir"), inception_weights)
+    features = Features(workdir, cfg0.dataset, cfg0.data_dir, inception_weights)
     real_feats = features(test.images) if features.name is not None else None
     results, arrays = [], {}
     for d in dirs:
         print(f"evaluating {d.name} ...", file=sys.stderr, flush=True)
-        res, arr = evaluate_model(d, train, test, features, real_feats, components=components,
+        res, arr = evaluate_model(runs[d], train, test, features, real_feats, components=components,
                                   n_samples=n_samples, fit_split=fit_split, kde_bandwidth=kde_bandwidth,
                                   seed=seed)
         results.append(res)
@@ -308,7 +326,8 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
         panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
         print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
     plot_tsne(panels, out / "tsne.png")
-    meta = {"workdir": str(workdir), "n_samples": n_samples, "components": list(components),
+    meta = {"workdir": str(workdir), "unfinished": unfinished, "n_samples": n_samples,
+            "components": list(components),
             "fit_split": fit_split, "test_examples": test.num_examples, "fid_name": features.name,
             "feature_extractor": getattr(features, "info", None), "results": results}
     (out / "eval.json").write_text(json.dumps(meta, indent=2))
@@ -329,6 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inception-weights", default=None, help=".npz InceptionV3 weights (standard FID)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tsne-points", type=int, default=1000)
+    p.add_argument("--allow-unfinished", action="store_true", help="evaluate unfinished runs (labelled)")
     return p.parse_args(argv)
 
 
@@ -344,7 +364,7 @@ def main(argv=None) -> int:
         results = run(Path(args.workdir), models=models, components=components, n_samples=args.samples,
                       fit_split=args.fit_split, kde_bandwidth=args.kde_bandwidth,
                       inception_weights=args.inception_weights, seed=args.seed,
-                      tsne_points=args.tsne_points)
+                      tsne_points=args.tsne_points, allow_unfinished=args.allow_unfinished)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Figures of the toy experiments, drawn from the ``*_eval.npz`` and ``metrics.jsonl`` files
+"""Figures of the toy experiments, drawn from the ``*_eval.npz`` and ``*/metrics.jsonl`` files
 that :mod:`train.toy` writes (so they can be redrawn without retraining)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .utils import read_jsonl  # noqa: E402
+from .engine import read_metrics  # noqa: E402
 
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open loop",
           "closed": "N-CODE closed loop"}
@@ -71,7 +71,8 @@ def annuli_flows(workdir: Path, models: list[str]) -> Path:
 
 def training_curves(workdir: Path) -> Path:
     """Fig. 4 right: training loss of every model, one panel per problem."""
-    rows = read_jsonl(workdir / "metrics.jsonl")
+    rows = [r for path in sorted(workdir.glob("*_*/metrics.jsonl")) for r in read_metrics(path)
+            if r.get("kind") == "train"]
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(problems)), figsize=(5 * max(1, len(problems)), 3.5),
                              squeeze=False)
