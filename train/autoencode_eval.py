@@ -45,7 +45,7 @@ from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS, Autoencoder
 
 from . import autoencode
 from .config import UserError, build
-from .engine import load_run
+from .engine import error, load_run
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -366,8 +366,7 @@ def main(argv=None) -> int:
                       inception_weights=args.inception_weights, seed=args.seed,
                       tsne_points=args.tsne_points, allow_unfinished=args.allow_unfinished)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e, 2)
     print(results_table(results, components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")

@@ -410,12 +410,16 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, report, **defaults)
         if jax.process_index() == 0:
             report(Path(args.workdir), tasks, summaries)
     except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e, 2)
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return error(e, 1)
     return 0
+
+
+def error(e: BaseException, code: int) -> int:
+    """Print ``e`` as one ``error: …`` line on stderr; returns ``code``."""
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+    return code
 
 
 def make_task(task_class, config) -> Task:
