@@ -97,8 +97,9 @@ def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
 
 
 def test_second_run_on_a_workdir_is_refused(tmp_path):
+    target = str(tmp_path / "reflection_open")
     code = ("import time; from train.checkpoint import WorkdirLock; "
-            f"WorkdirLock({str(tmp_path / 'reflection_open')!r}); print('locked', flush=True); time.sleep(60)")
+            f"WorkdirLock({target!r}); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -187,8 +188,9 @@ def test_unfinished_run_is_refused_by_its_readers(tmp_path, monkeypatch, capsys)
         real(self, step, state)
         raise KeyboardInterrupt("simulated kill")
 
-    ae = build(autoencode.AutoencodeConfig, dict(dataset="digits", model="ae", widths=(8,), latent_dim=2, epochs=1,
-                                                 batch_size=32, train_examples=96, checkpoint_every=1))
+    ae = build(autoencode.AutoencodeConfig, dict(dataset="digits", model="ae", widths=(8,), latent_dim=2,
+                                                 epochs=1, batch_size=32, train_examples=96,
+                                                 checkpoint_every=1))
     monkeypatch.setattr(Checkpointer, "save", die_after_first)
     with pytest.raises(KeyboardInterrupt):
         autoencode.train_and_evaluate(ae, tmp_path / "ae", progress=False)
