@@ -11,7 +11,7 @@ from .fields import LinearField, MLPField, SparseLinearField, VectorField, dense
 from .layout import ParamLayout, ParamSpec
 from .ncode import NCODE
 from .nn import mlp_apply, mlp_init
-from .solve import Solution, nfe_count, solve
+from .solve import Solution, SolveConfig, check_options, nfe_count, solve
 from .solvers import RK4, SOLVERS
 
 __version__ = "0.1.0"
@@ -29,11 +29,13 @@ __all__ = [
     "ParamLayout",
     "ParamSpec",
     "Solution",
+    "SolveConfig",
     "SparseLinearField",
     "State",
     "StaticInit",
     "VectorField",
     "augment",
+    "check_options",
     "dense",
     "mlp_apply",
     "mlp_init",

@@ -6,7 +6,11 @@
   step-size control is then not diluted by components that never move).
 * ``ℓ`` — an optional running cost, ``dc/dt = ℓ(t, x, θ, cost_args)`` with ``c`` of shape
   ``(B,)``. Reading ``c(T)`` gives ``∫₀ᵀ ℓ dt`` and any diffrax adjoint differentiates it: this
-  is Theorem 1's augmented adjoint without a hand-written backward pass.
+  is Theorem 1's augmented adjoint without a hand-written backward pass. A cost object with a
+  true attribute ``sees_field`` is called as ``ℓ(t, x, θ, cost_args, dx=f(t, x, θ),
+  field_fn=lambda x: f(t, x, θ))`` instead: regularisers of the flow itself (kinetic energy
+  ``‖f‖²``, Jacobian norms through ``jax.jvp(field_fn, ...)``) reuse the evaluation of ``f``
+  that the step already made.
 
 Everything differentiable travels in ``args`` (a dict with keys ``theta``, ``feedback``,
 ``cost``), never in closures (DESIGN.md fact 9).
@@ -60,9 +64,14 @@ class Dynamics:
         dtheta = self.feedback(args["feedback"], t, theta, z.x) if self.closed_loop else None
         dc = None
         if self.running_cost is not None:
-            dc = jnp.broadcast_to(
-                self.running_cost(t, z.x, theta, args.get("cost")), (z.x.shape[0],)
-            ).astype(z.x.dtype)
+            if getattr(self.running_cost, "sees_field", False):
+                value = self.running_cost(
+                    t, z.x, theta, args.get("cost"), dx=dx,
+                    field_fn=lambda x_: self.field(t, x_, theta),
+                )
+            else:
+                value = self.running_cost(t, z.x, theta, args.get("cost"))
+            dc = jnp.broadcast_to(value, (z.x.shape[0],)).astype(z.x.dtype)
         return State(dx, dtheta, dc)
 
     def initial_state(self, x0: Array, theta0: Array) -> tuple[State, Array | None]:

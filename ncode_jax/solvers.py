@@ -13,7 +13,6 @@ from typing import ClassVar
 
 import diffrax
 import numpy as np
-from diffrax._local_interpolation import ThirdOrderHermitePolynomialInterpolation
 
 
 class RK4(diffrax.AbstractERK):
@@ -25,8 +24,8 @@ class RK4(diffrax.AbstractERK):
         b_error=np.zeros(4),
         a_lower=(np.array([1 / 3]), np.array([-1 / 3, 1.0]), np.array([1.0, -1.0, 1.0])),
     )
-    interpolation_cls: ClassVar[Callable[..., ThirdOrderHermitePolynomialInterpolation]] = (
-        ThirdOrderHermitePolynomialInterpolation.from_k
+    interpolation_cls: ClassVar[Callable[..., diffrax.ThirdOrderHermitePolynomialInterpolation]] = (
+        diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
     )
 
     def order(self, terms):
@@ -46,6 +45,11 @@ class SolverInfo:
         """Vector-field evaluations per step, before first-same-as-last reuse."""
         tableau = getattr(self.make, "tableau", None)
         return 1 if tableau is None else tableau.num_stages
+
+    @property
+    def order(self) -> int:
+        """The method's order of accuracy p (global error O(dt^p))."""
+        return int(self.make().order(None))
 
     @property
     def fsal(self) -> bool:

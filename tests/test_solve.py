@@ -157,13 +157,13 @@ def test_bad_shapes_and_options():
         solve(LIN_DYN, X0[:, :2], A_SHARED)
     with pytest.raises(ValueError, match=f"theta0 .*P={D * D}"):
         solve(LIN_DYN, X0, A_SHARED[:-1])
-    with pytest.raises(ValueError, match="dt must be positive"):
+    with pytest.raises(ValueError, match="dt must be a positive"):
         solve(LIN_DYN, X0, A_SHARED, solver="rk4", dt=-0.1)
     with pytest.raises(TypeError, match="dt must be a Python or NumPy number"):
         solve(LIN_DYN, X0, A_SHARED, solver="rk4", dt=jnp.asarray(0.1))
     # NumPy scalars are fine
     assert solve(LIN_DYN, X0, A_SHARED, solver="rk4", dt=np.float32(0.25)).stats["num_steps"] == 4
-    with pytest.raises(ValueError, match="t1 > t0"):
+    with pytest.raises(ValueError, match="time interval is empty"):
         solve(LIN_DYN, X0, A_SHARED, t0=1.0, t1=1.0)
     fb = Feedback(LIN.layout, D, (4,))
     with pytest.raises(ValueError, match=r"params\['feedback'\]"):
