@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from ncode_jax.data.images import KNOWN_DATASETS, load_dataset
+from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.models.autoencoder import LIKELIHOODS, MODEL_KINDS, MODEL_LABELS, autoencoder
 from ncode_jax.models.coders import ARCHITECTURES, architecture
 
@@ -81,11 +81,7 @@ class Task(engine.Task):
     def __init__(self, config: AutoencodeConfig):
         super().__init__(config)
         c = config
-        self.train = load_dataset(c.dataset, c.train_split, data_dir=c.data_dir)
-        self.test = load_dataset(c.dataset, c.test_split, data_dir=c.data_dir)
-        if c.train_examples is not None:
-            self.train = self.train._replace(images=self.train.images[: c.train_examples],
-                                             labels=self.train.labels[: c.train_examples])
+        self.load(c.dataset, (c.train_split, c.test_split), c.train_examples)
         arch = architecture(c.coders, latent_dim=c.latent_dim, widths=c.widths, kernel=c.kernel)
         solve = {k: v for k, v in c.solve.kwargs().items() if k in ("t1", "solver", "dt", "rtol", "atol",
                                                                        "adjoint")}

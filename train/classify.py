@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from ncode_jax.data.augment import random_shift
-from ncode_jax.data.images import KNOWN_DATASETS, load_dataset
+from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 
 from . import engine
@@ -86,13 +86,8 @@ class Task(engine.Task):
 
     def __init__(self, config: ClassifyConfig):
         super().__init__(config)
-        c = config
-        self.train = load_dataset(c.dataset, "train", data_dir=c.data_dir, normalize=c.normalize)
-        self.test = load_dataset(c.dataset, "test", data_dir=c.data_dir, normalize=c.normalize)
-        if c.train_examples is not None:
-            self.train = self.train._replace(images=self.train.images[: c.train_examples],
-                                             labels=self.train.labels[: c.train_examples])
-        self.model = build_model(c, self.train.image_shape, self.train.num_classes)
+        self.load(config.dataset, train_examples=config.train_examples, normalize=config.normalize)
+        self.model = build_model(config, self.train.image_shape, self.train.num_classes)
 
     def init(self, key):
         return self.model.init(key), {}

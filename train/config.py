@@ -19,35 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-try:
-    from ncode_jax import SolveConfig
-except ImportError:  # stand-in with the library's interface until ncode_jax.SolveConfig lands
-    @dataclasses.dataclass(frozen=True)
-    class SolveConfig:
-        solver: str = "tsit5"
-        dt: float | None = None
-        rtol: float = 1e-3
-        atol: float = 1e-6
-        adjoint: str = "checkpoint"
-        t0: float = 0.0
-        t1: float = 1.0
-        max_steps: int | None = None
-
-        def __post_init__(self):
-            from ncode_jax.solve import ADJOINTS
-            from ncode_jax.solvers import SOLVERS
-
-            check(self.solver in SOLVERS, f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
-            check(self.adjoint in ADJOINTS, f"unknown adjoint {self.adjoint!r}; choose one of {ADJOINTS}")
-            check(self.rtol > 0 and self.atol > 0, f"rtol={self.rtol}, atol={self.atol}: must be > 0")
-            check(self.t1 > self.t0, f"t1={self.t1} must be > t0={self.t0}")
-            check(self.dt is None or 0 < self.dt <= self.t1 - self.t0,
-                  f"dt={self.dt} is out of range: need 0 < dt <= t1 - t0 (or None)")
-            check(self.dt is not None or SOLVERS[self.solver].adaptive,
-                  f"solver {self.solver!r} has no error estimate: give dt")
-
-        def kwargs(self) -> dict:
-            return dataclasses.asdict(self)
+from ncode_jax import SolveConfig  # noqa: F401  (the configs' solver settings)
 
 
 class UserError(ValueError):

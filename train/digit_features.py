@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from ncode_jax.data.augment import random_shift
-from ncode_jax.data.images import KNOWN_DATASETS, load_dataset
+from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.metrics.digit_features import DigitFeatureExtractor, init_params, logits, pixels01
 
 from . import engine
@@ -64,8 +64,8 @@ class Task(engine.Task):
     def __init__(self, config: DigitFeaturesConfig):
         super().__init__(config)
         c = config
-        train = load_dataset(c.dataset, c.train_split, data_dir=c.data_dir)
-        test = load_dataset(c.dataset, c.test_split, data_dir=c.data_dir)
+        self.load(c.dataset, (c.train_split, c.test_split))
+        train, test = self.train, self.test
         if train.num_classes < 2:
             raise ValueError(f"dataset {c.dataset!r} has {train.num_classes} class(es); need >= 2")
         self.train = train._replace(images=pixels01(train), normalized=False)

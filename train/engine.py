@@ -3,25 +3,21 @@
 A task (:class:`Task`) supplies its model, data, loss and evaluation; :func:`train_and_evaluate`
 does the rest for all of them:
 
-* **train state** — ``{"params", "extra" (non-trained model state, e.g. batch statistics),
-  "opt_state", "step", "data" (epoch, index of the batch iterator), "rng", "wall_time"}``; the
-  step's random key is ``fold_in(key(seed), step)``, the data order a pure function of
-  ``(seed, epoch)``, so a resumed run is bit-identical to an uninterrupted one;
-* **loop** — jitted train step (data-parallel through :class:`train.parallel.DataParallel`),
-  metrics every ``log_every`` steps, evaluation every ``task.eval_every`` steps and at the end,
-  checkpoints every ``checkpoint_every`` steps and after every evaluation, a progress bar;
-* **workdir** — an exclusive lock (:class:`~train.checkpoint.WorkdirLock`); ``config.json``
-  written only once the config, the data and the checkpoint have all been accepted; on resume only
-  the keys that change the experiment are compared (each config's ``RESUMABLE`` keys are not);
-  verified checkpoints with fallback (:class:`~train.checkpoint.Checkpointer`); ``metrics.jsonl``
-  append-only (rows are fsynced before the checkpoint that covers them, so no kill loses a
-  committed row; :func:`read_metrics` drops torn lines and rows replayed after a resume);
-  ``summary.json`` with ``finished: true`` at the end.
+* **train state** ``{params, extra (e.g. batch statistics), opt_state, step, data (epoch, index),
+  rng, wall_time}``; step keys ``fold_in(key(seed), step)`` and a data order that is a pure
+  function of ``(seed, epoch)`` make a resumed run bit-identical to an uninterrupted one;
+* **loop** — jitted, data-parallel train step; metrics every ``log_every`` steps; evaluation
+  every ``task.eval_every`` steps and at the end; checkpoints every ``checkpoint_every`` steps and
+  after each evaluation; a progress bar;
+* **workdir** — exclusive lock; ``config.json`` written only once config, data and checkpoint are
+  accepted; only keys outside each config's ``RESUMABLE`` compared on resume; verified checkpoints
+  with fallback; ``metrics.jsonl`` append-only, fsynced before the checkpoint that covers its rows
+  (:func:`read_metrics` skips torn lines and replayed rows); ``summary.json`` with ``finished``.
 
-:func:`load_run` rebuilds the model, trained parameters and config of any run directory;
-:func:`main` is the command line of every script (``--config``, ``--workdir``, ``--set k=v``,
-``--<key> value`` for every config key, ``--no-progress``, the multi-host flags). Every
-:class:`~train.config.UserError` ends the process with one ``error: …`` line and exit code 2.
+:func:`load_run` rebuilds model, trained parameters and config of any run directory; :func:`main`
+is every script's command line (``--config``, ``--workdir``, ``--set k=v``, ``--<key> value``,
+``--no-progress``, multi-host flags); a :class:`~train.config.UserError` ends it with one
+``error: …`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ncode_jax.data.images import BatchIterator
+from ncode_jax.data.images import BatchIterator, load_dataset
 
 from . import parallel
 from .checkpoint import Checkpointer, WorkdirLock
@@ -64,6 +60,14 @@ class Task:
     def __init__(self, config):
         self.config = config
 
+    def load(self, dataset: str, splits=("train", "test"), train_examples=None, **kw) -> None:
+        """``self.train``, ``self.test`` from :func:`load_dataset` (the first ``train_examples``)."""
+        self.train, self.test = (load_dataset(dataset, s, data_dir=self.config.data_dir, **kw)
+                                 for s in splits)
+        if train_examples is not None:
+            self.train = self.train._replace(images=self.train.images[:train_examples],
+                                             labels=self.train.labels[:train_examples])
+
     @property
     def steps_per_epoch(self) -> int:
         return self.train.images.shape[0] // self.config.batch_size
@@ -80,15 +84,13 @@ class Task:
     def batches(self) -> BatchIterator:
         return BatchIterator(self.train, self.config.batch_size, seed=self.config.seed)
 
-    def prepare(self, batch, step: int) -> tuple:
-        """Host arrays of one training batch (a pure function of the batch and the step)."""
+    def prepare(self, batch, step: int) -> tuple:  # host arrays: a pure function of batch and step
         return batch.images, batch.labels
 
     def optimizer(self, total_steps: int) -> optax.GradientTransformation:
         return optax.adam(self.config.lr)
 
-    def init(self, key) -> tuple[Any, Any]:
-        """``(params, extra)``: trained parameters and other model state."""
+    def init(self, key) -> tuple[Any, Any]:  # (trained params, other model state)
         raise NotImplementedError
 
     def loss(self, params, extra, batch: tuple, key) -> tuple[jax.Array, tuple[dict, Any]]:
@@ -96,16 +98,13 @@ class Task:
         raise NotImplementedError
 
     def eval_sums(self, params, extra, images, labels, mask) -> dict:
-        """Sums over the real rows (``mask``) of a held-out batch; keys ending in ``nfe`` are
-        averaged over batches instead of divided by the count."""
+        """Sums over the real (``mask``) rows of a held-out batch; ``*nfe`` keys are averaged."""
         raise NotImplementedError
 
-    def row(self) -> dict:
-        """Fields identifying the run in every metrics row and in the summary."""
+    def row(self) -> dict:  # fields naming the run in every metrics row and the summary
         return {"model": self.config.model}
 
-    def variables(self, params, extra) -> Any:
-        """What a user applies the model to (:func:`load_run`)."""
+    def variables(self, params, extra) -> Any:  # what a user applies the model to (load_run)
         return params
 
     def describe(self, step: int, ev: dict) -> str:
@@ -132,18 +131,14 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     text = "".join(json.dumps(r) + "\n" for r in rows)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            text = text if f.read(1) == b"\n" else "\n" + text
     with open(path, "ab") as f:
-        if f.tell() and not _ends_with_newline(path):
-            text = "\n" + text
         f.write(text.encode())
         f.flush()
         os.fsync(f.fileno())
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
