@@ -128,17 +128,9 @@ def results_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(workdir: Path, tasks, summaries: list[dict]) -> None:
-    engine._write_json(workdir / "summary.json", summaries)
-    (workdir / "results.md").write_text(results_table(summaries) + "\n")
-    print(results_table(summaries))
-    print(f"\nwrote {workdir}/summary.json, results.md and one folder per model; next: "
-          f"python -m train.autoencode_eval --workdir {workdir}")
-
-
 def main(argv=None) -> int:
     return engine.main(argv, doc=__doc__, task_class=Task, sweep={"model": MODEL_KINDS},
-                       subdir=lambda t: t.config.model, report=report)
+                       subdir=lambda t: t.config.model, table=results_table)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,10 @@
     python -m train.classify --config train/configs/mnist5k_cpu.py --workdir runs/mnist5k \
         [--set model=open] [--set epochs=3 ...]
 
-``model`` may be one name, a comma list or ``all``: each model trains in ``<workdir>/<model>/``
-(``config.json``, ``metrics.jsonl`` with train rows every ``log_every`` steps and an eval row per
-epoch, ``summary.json``, ``checkpoints/``) on the engine of :mod:`train.engine`, and the work
-directory gets ``summary.json``, ``results.md`` and ``curves.png``. Re-running the same command
-resumes; the data order and the random shifts are pure functions of ``(seed, epoch)`` and
-``(seed, step)``. Data-parallel over ``num_devices`` devices (default: all) and over several
-processes with ``--coordinator-address/--num-processes/--process-id`` (see the README).
+``model`` may be one name, a comma list or ``all``: each trains in ``<workdir>/<model>/`` on
+:mod:`train.engine` (eval row per epoch; re-running resumes; random shifts are a pure function of
+``(seed, step)``; data-parallel over ``num_devices`` and several processes, see the README); the
+work directory gets ``summary.json``, ``results.md`` and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -103,8 +100,9 @@ class Task(engine.Task):
         return make_optimizer(self.config, total_steps)
 
     def loss(self, params, extra, batch, key):
-        loss, (acc, nfe) = loss_fn(self.model, self.config, params, *batch)
-        return loss, ({"accuracy": acc, "nfe": nfe}, extra)
+        sums = self.eval_sums(params, extra, *batch, 1.0)
+        return sums["test_loss"] / len(batch[1]), ({"accuracy": sums["test_accuracy"] / len(batch[1]),
+                                                    "nfe": sums["test_nfe"]}, extra)
 
     def eval_sums(self, params, extra, images, labels, mask):
         logits, sol = self.model(params, images, **self.config.solve.kwargs())
@@ -124,22 +122,11 @@ def build_model(cfg: ClassifyConfig, image_shape, num_classes):
                             feedback_hidden=cfg.feedback_hidden, act=cfg.act, pool=cfg.pool)
 
 
-def loss_fn(model, cfg: ClassifyConfig, params, images, labels):
-    """Mean cross-entropy and ``(accuracy, nfe)`` of one batch."""
-    logits, sol = model(params, images, **cfg.solve.kwargs())
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (jnp.mean(jnp.argmax(logits, -1) == labels), sol.stats["nfe"])
-
-
 def make_optimizer(cfg: ClassifyConfig, total_steps: int) -> optax.GradientTransformation:
     """Adam (AdamW with ``weight_decay > 0``) at a constant or warm-up + cosine learning rate."""
-    lr = cfg.lr
-    if cfg.lr_schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, total_steps - 1),
-                                                max(total_steps, 1))
-    if cfg.weight_decay > 0:
-        return optax.adamw(lr, weight_decay=cfg.weight_decay)
-    return optax.adam(lr)
+    lr = cfg.lr if cfg.lr_schedule == "constant" else optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, min(cfg.warmup_steps, total_steps - 1), max(total_steps, 1))
+    return optax.adamw(lr, weight_decay=cfg.weight_decay) if cfg.weight_decay > 0 else optax.adam(lr)
 
 
 def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bool = True) -> dict:
@@ -162,8 +149,6 @@ def report(workdir: Path, tasks, summaries: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engine._write_json(workdir / "summary.json", summaries)
-    (workdir / "results.md").write_text(results_table(summaries) + "\n")
     fig, (ax_acc, ax_nfe) = plt.subplots(1, 2, figsize=(10, 3.6))
     for s in summaries:
         rows = [r for r in engine.read_metrics(workdir / s["model"] / "metrics.jsonl") if r["kind"] == "eval"]
@@ -176,13 +161,11 @@ def report(workdir: Path, tasks, summaries: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(workdir / "curves.png", dpi=110)
     plt.close(fig)
-    print(results_table(summaries))
-    print(f"\nwrote {workdir}/summary.json, results.md, curves.png and one folder per model")
 
 
 def main(argv=None) -> int:
     return engine.main(argv, doc=__doc__, task_class=Task, sweep={"model": IMAGE_KINDS},
-                       subdir=lambda t: t.config.model, report=report)
+                       subdir=lambda t: t.config.model, table=results_table, report=report)
 
 
 if __name__ == "__main__":

@@ -131,12 +131,12 @@ def load_or_train(workdir: str | Path, dataset: str, *, data_dir: str | None = N
 def report(workdir: Path, tasks, summaries) -> None:
     task, s = tasks[0], summaries[0]
     task.variables(*task.trained, info=s).save(workdir / "extractor.npz")
-    print(f"held-out accuracy {100 * s['test_accuracy']:.2f}% ({s['steps']} steps, "
-          f"{s['wall_time_s']:.0f} s); wrote {workdir}/extractor.npz")
 
 
 def main(argv=None) -> int:
+    table = "| held-out accuracy | steps | time (s) |\n|---|---|---|\n| {test_accuracy:.4f} | {steps} | "
     return engine.main(argv, doc=__doc__, task_class=Task, sweep={}, subdir=lambda t: ".", report=report,
+                       table=lambda s: table.format(**s[0]) + f"{s[0]['wall_time_s']} |",
                        default_config=str(Path(__file__).parent / "configs" / "digit_features.py"))
 
 

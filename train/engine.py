@@ -393,8 +393,9 @@ def expand(raw: dict, sweep: dict[str, tuple]) -> list[dict]:
     return out
 
 
-def main(argv, *, doc: str, task_class, sweep: dict, subdir, report, **defaults) -> int:
-    """The command line of a training script: parse, validate, train every config, report."""
+def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None, **defaults) -> int:
+    """The command line of a training script: parse, validate, train every config, then write
+    ``summary.json`` and ``results.md`` (``table(summaries)``), print the table, ``report``."""
     args = parse_args(argv, doc=doc, config_class=task_class.config_class, **defaults)
     try:
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
@@ -403,7 +404,11 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, report, **defaults)
         tasks = [make_task(task_class, c) for c in configs]
         summaries = run_all(tasks, args.workdir, subdir=subdir, progress=not args.no_progress)
         if jax.process_index() == 0:
-            report(Path(args.workdir), tasks, summaries)
+            _write_json(Path(args.workdir) / "summary.json", summaries)
+            (Path(args.workdir) / "results.md").write_text(table(summaries) + "\n")
+            if report is not None:
+                report(Path(args.workdir), tasks, summaries)
+            print(table(summaries) + f"\n\nwrote {args.workdir}/summary.json, results.md and the runs")
     except (UserError, ValueError) as e:
         return error(e, 2)
     except FloatingPointError as e:

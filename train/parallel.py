@@ -64,15 +64,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
     for key, value in given.items():
-        if value is None and environ.get(ENV[key]):
-            raw = environ[ENV[key]]
-            if key == "coordinator_address":
-                given[key] = raw
-            else:
-                try:
-                    given[key] = int(raw)
-                except ValueError:
-                    raise ValueError(f"environment variable {ENV[key]}={raw!r} is not an integer") from None
+        if value is None and (raw := environ.get(ENV[key])):
+            try:
+                given[key] = raw if key == "coordinator_address" else int(raw)
+            except ValueError:
+                raise ValueError(f"environment variable {ENV[key]}={raw!r} is not an integer") from None
     if all(v is None for v in given.values()) or given["num_processes"] == 1:
         return False
     missing = [k for k, v in given.items() if v is None]
@@ -115,10 +111,7 @@ def select_devices(num_devices: int | None = None) -> list:
             raise ValueError(f"num_devices={num_devices} is not a multiple of the process count "
                              f"{nproc}: every process must hold the same number of mesh devices")
         per = num_devices // nproc
-        chosen = []
-        for p in range(nproc):
-            local = [d for d in devices if d.process_index == p]
-            chosen.extend(local[:per])
+        chosen = [d for p in range(nproc) for d in [d for d in devices if d.process_index == p][:per]]
     return sorted(chosen, key=lambda d: (d.process_index, d.id))
 
 

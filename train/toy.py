@@ -1,17 +1,12 @@
 """Toy flows of the paper's section 5.1: reflection ``x ↦ -x`` and concentric annuli.
 
-Trains NODE, ANODE, N-CODE open loop and N-CODE closed loop on both problems (full batch) on the
-engine of :mod:`train.engine`, prints a results table and writes to the work directory:
-
-* ``<problem>_<model>/`` — one run each: ``config.json``, ``metrics.jsonl``, ``summary.json``,
-  ``checkpoints/``; re-running the same command resumes (finished runs are not retrained);
-* ``summary.json`` and ``results.md`` — final held-out numbers per (problem, model);
-* ``reflection_trajectories.png`` (fig. 3), ``annuli_flows.png`` (figs. 1, 4 left),
-  ``training_curves.png`` (fig. 4 right), drawn from ``<problem>_<model>_eval.npz``.
-
-Command (the README's main job; about 3.5 minutes on 2 CPU cores)::
-
     python -m train.toy --workdir runs/toy [--problem annuli] [--model open] [--set steps=100 ...]
+
+Trains NODE, ANODE, N-CODE open and closed loop on both problems (full batch; about 3.5 minutes on
+2 CPU cores) on :mod:`train.engine`: one run per ``<problem>_<model>/`` (re-running resumes), and
+in the work directory ``summary.json``, ``results.md``, ``<problem>_<model>_eval.npz`` and the
+figures ``reflection_trajectories.png`` (fig. 3), ``annuli_flows.png`` (figs. 1, 4 left) and
+``training_curves.png`` (fig. 4 right).
 """
 
 from __future__ import annotations
@@ -107,8 +102,7 @@ class Task(engine.Task):
     def init(self, key):
         return self.model.init(key), {}
 
-    def predict(self, params, x, **extra):
-        """Outputs (x(T) for reflection, logits for annuli) and the solution."""
+    def predict(self, params, x, **extra):  # (x(T) for reflection, logits for annuli), solution
         opts = {**self.config.solve.kwargs(), **extra}
         if self.config.problem == "reflection":
             sol = self.flow(params, x, **opts)
@@ -122,9 +116,6 @@ class Task(engine.Task):
             return err, err, sol.stats["nfe"]
         loss = optax.softmax_cross_entropy_with_integer_labels(out, y)
         return loss, (jnp.argmax(out, -1) == y).astype(jnp.float32), sol.stats["nfe"]
-
-    def optimizer(self, total_steps):
-        return optax.adam(self.config.lr)
 
     def loss(self, params, extra, batch, key):
         loss, metric, nfe = self._per_sample(params, *batch)
@@ -170,36 +161,31 @@ def _name(task: Task) -> str:
     return f"{task.config.problem}_{task.config.model}"
 
 
-def train_one(cfg: ToyConfig, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Train one (problem, model) pair in ``workdir/<problem>_<model>`` (resuming)."""
+def train_one(cfg: ToyConfig, workdir: str | Path, *, progress: bool = True) -> dict:  # one run, resumed
     task = engine.make_task(Task, cfg)
     return engine.train_and_evaluate(task, Path(workdir) / _name(task), progress=progress)
 
 
 def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
-    """``summary.json``, ``results.md``, the evaluation arrays and (``figures``) the figures."""
     for task in tasks:
         np.savez(workdir / f"{_name(task)}_eval.npz", **_evaluation_arrays(task, task.trained[0]))
-    engine._write_json(workdir / "summary.json", summaries)
-    (workdir / "results.md").write_text(results_table(summaries) + "\n")
     if tasks and all(t.config.figures for t in tasks):
         from .toy_figures import make_figures
 
         make_figures(workdir, [(t.config.problem, t.config.model) for t in tasks])
-    print(results_table(summaries))
-    print(f"\nwrote {workdir}/summary.json, results.md, one folder per run and figures")
 
 
 def train_and_evaluate(configs: list[ToyConfig], workdir: str | Path, *, progress: bool = True) -> list[dict]:
-    """Train every config (resuming) and write the reports; returns the summaries."""
     tasks = [engine.make_task(Task, c) for c in configs]
     summaries = engine.run_all(tasks, workdir, subdir=_name, progress=progress)
+    engine._write_json(Path(workdir) / "summary.json", summaries)
+    (Path(workdir) / "results.md").write_text(results_table(summaries) + "\n")
     report(Path(workdir), tasks, summaries)
     return summaries
 
 
 def main(argv=None) -> int:
-    return engine.main(argv, doc=__doc__, task_class=Task, report=report, subdir=_name,
+    return engine.main(argv, doc=__doc__, task_class=Task, table=results_table, report=report, subdir=_name,
                        sweep={"problem": PROBLEMS, "model": MODELS},
                        default_config=str(Path(__file__).parent / "configs" / "toy.py"),
                        default_workdir="runs/toy")
