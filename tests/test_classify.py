@@ -123,8 +123,8 @@ def test_bad_input_errors(digits_batch):
         tiny_config(dataset="imagenet")
     with pytest.raises(ValueError, match="out of range"):
         tiny_config(lr=-1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        tiny_config(dt=2.0)
+    with pytest.raises(ValueError, match="dt must be a positive"):
+        tiny_config(dt=-1.0)
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
