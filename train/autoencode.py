@@ -26,11 +26,11 @@ from ncode_jax.models.autoencoder import LIKELIHOODS, MODEL_KINDS, MODEL_LABELS,
 from ncode_jax.models.coders import ARCHITECTURES, architecture
 
 from . import engine
-from .config import SolveConfig, build, check, check_choice, check_range
+from .config import Config, SolveConfig, check_choice, check_range
 
 
 @dataclass(frozen=True)
-class AutoencodeConfig:
+class AutoencodeConfig(Config):
     """One model's training run; every field is validated on construction."""
 
     RESUMABLE = ("epochs", "log_every", "checkpoint_every", "eval_batch_size", "num_devices", "data_dir")
@@ -65,12 +65,6 @@ class AutoencodeConfig:
                            "latent_dim", "kernel", "num_devices"), minimum=1)
         check_range(self, ("lr", "control_scale"), minimum=0, strict=True)
         check_range(self, ("seed",), minimum=0)
-        check(self.train_examples is None or self.train_examples >= self.batch_size,
-              f"train_examples={self.train_examples} is smaller than batch_size={self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, config: dict) -> AutoencodeConfig:
-        return build(cls, config)
 
 
 class Task(engine.Task):

@@ -1,14 +1,11 @@
-"""Checkpoints of a train state that are verified on restore, and an exclusive workdir lock.
+"""Checkpoints verified on restore, and an exclusive workdir lock.
 
-A checkpoint of step ``s`` is the directory ``step_<s>/`` holding ``arrays.npz`` (every leaf of
-the state, keyed by its PyTree path) and ``manifest.json`` (step, paths, shapes, dtypes and the
-SHA-256 of ``arrays.npz``). It is written to a temporary directory, fsynced and renamed, so a kill
-mid-save leaves the previous checkpoints intact; a save that fails (unwritable or full disk)
-raises :class:`CheckpointError` at once — there are no background threads to hang the process.
-:meth:`Checkpointer.restore` takes the newest checkpoint whose hash matches, falls back to an
-older one with a message on stderr when the newest is damaged, and checks every path, shape and
-dtype against the template (a checkpoint of another model is an error, never loaded).
-Multi-process runs: process 0 alone writes (the state is replicated); every process reads.
+Checkpoint ``step_<s>/``: ``arrays.npz`` (the state's leaves) and ``manifest.json`` (step, PyTree
+paths, shapes, dtypes, SHA-256 of ``arrays.npz``), written to a temporary directory, fsynced and
+renamed (a kill mid-save leaves the older ones intact). A failed save raises
+:class:`CheckpointError` at once (no background threads to hang the process). Restore takes the
+newest intact checkpoint (an older one, with a message, when the newest is damaged) and checks
+paths, shapes and dtypes against the model. Process 0 alone writes; every process reads.
 """
 
 from __future__ import annotations
@@ -120,10 +117,8 @@ class Checkpointer:
         return manifest, arrays
 
     def restore(self, template: Any) -> Any | None:
-        """The newest intact checkpoint in ``template``'s structure, or None if there is none.
-
-        Damaged checkpoints are skipped with a message on stderr; a checkpoint whose paths, shapes
-        or dtypes differ from ``template`` raises :class:`CheckpointError` (another model)."""
+        """The newest intact checkpoint in ``template``'s structure (None if there is none); one
+        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`."""
         names, values, treedef = _flat(template)
         damaged = []
         for step in self.steps():
@@ -151,16 +146,10 @@ class Checkpointer:
                                   "delete them to start over")
         return None
 
-    def close(self) -> None:  # kept for callers of the former orbax-based class
-        pass
-
 
 class WorkdirLock:
-    """An exclusive ``flock`` on ``<directory>/lock`` for this process's lifetime (or ``release``).
-
-    The file names the holder (pid, host, command, start time); a second run on the same
-    directory raises :class:`UserError` quoting it. The kernel drops the lock when the process
-    dies, so a killed run never leaves a stale lock."""
+    """An exclusive ``flock`` on ``<directory>/lock`` naming its holder (pid, host, command, time);
+    a second holder gets a :class:`UserError` quoting it. The kernel drops it when the process dies."""
 
     _held: set[str] = set()  # locks this process holds: taking one again is a no-op
 

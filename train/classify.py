@@ -24,13 +24,13 @@ from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 
 from . import engine
-from .config import SolveConfig, build, check, check_choice, check_range
+from .config import Config, SolveConfig, check_choice, check_range
 
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(Config):
     """One model's training run; every field is validated on construction."""
 
     RESUMABLE = ("epochs", "log_every", "checkpoint_every", "eval_batch_size", "num_devices", "data_dir")
@@ -68,12 +68,6 @@ class ClassifyConfig:
                            "checkpoint_every", "pool", "num_devices"), minimum=1)
         check_range(self, ("augment", "random_shift", "weight_decay", "warmup_steps", "seed"), minimum=0)
         check_range(self, ("lr",), minimum=0, strict=True)
-        check(self.train_examples is None or self.train_examples >= self.batch_size,
-              f"train_examples={self.train_examples} is smaller than batch_size={self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, config: dict) -> ClassifyConfig:
-        return build(cls, config)
 
 
 class Task(engine.Task):

@@ -1,12 +1,10 @@
 """One configuration mechanism for every training script: frozen, typed config dataclasses filled
-from defaults, then a config file, then ``--set key=value`` overrides (also ``--key value``).
+from their defaults, a config file (a module with ``get_config() -> dict``), then ``--set k=v``.
 
-A config file is a Python module defining ``get_config() -> dict``. Values given as text are
-parsed by the field's annotation (``int``, ``float``, ``bool``, ``str``, ``X | None`` with
-``none``, ``tuple[int, ...]`` as ``16,16`` or ``(16, 16)``); a nested dataclass field such as
-``solve: SolveConfig`` is addressed as ``solve.dt`` or, when its leaf name is unique, as ``dt``.
-Every mistake raises :class:`UserError` naming the key and the input; the entry points print it as
-one ``error: …`` line and exit with code 2. Adding a key is one line: a field with a default.
+Text is parsed by the field's annotation (``int``, ``float``, ``bool``, ``str``, ``X | None`` with
+``none``, ``tuple[int, ...]`` as ``16,16``); a nested ``solve: SolveConfig`` is addressed as
+``solve.dt`` or, its leaf names being unique, ``dt``. Mistakes raise :class:`UserError` naming
+key and input. Adding a key is one line: a field with a default.
 """
 
 from __future__ import annotations
@@ -24,6 +22,17 @@ from ncode_jax import SolveConfig  # noqa: F401  (the configs' solver settings)
 
 class UserError(ValueError):
     """A mistake in what the user gave (flags, config, workdir, data): ``error: …``, exit code 2."""
+
+
+class Config:
+    """Base of the config dataclasses: :meth:`from_dict` and the ``RESUMABLE`` keys (those that may
+    change when a run is resumed)."""
+
+    RESUMABLE: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, config: dict):
+        return build(cls, config)
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -172,9 +181,7 @@ def _construct(cls, values: dict, prefix: tuple, base: Any = None) -> Any:
         raise UserError(f"config: {e}") from None
 
 
-def to_dict(config: Any) -> dict:
-    """The config as nested JSON-ready dicts (tuples become lists)."""
-    return dataclasses.asdict(config)
+to_dict = dataclasses.asdict  # the config as nested dicts
 
 
 def check(ok: bool, message: str) -> None:

@@ -1,14 +1,10 @@
-"""Train the feature network of the digit-feature FID (:mod:`ncode_jax.metrics.digit_features`)
-on the run engine, like every other model: resumable, verified checkpoints, metrics.
+"""Train the digit-feature FID's network (:mod:`ncode_jax.metrics.digit_features`) on the engine.
 
-    python -m train.digit_features --config train/configs/digit_features.py --workdir runs/digitfeat \
-        [--set dataset=digits]
+    python -m train.digit_features --workdir runs/digitfeat [--set dataset=digits]
 
-writes the run (``config.json``, ``metrics.jsonl``, ``summary.json`` with the held-out accuracy,
-``checkpoints/``) and ``extractor.npz`` (:meth:`DigitFeatureExtractor.save`). Training: AdamW with
-a cosine-decayed learning rate on cross-entropy, each image shifted by up to ``random_shift``
-pixels (``None``: ``round(min(H, W) / 20)``, 1 pixel on 28×28, none on 8×8 digits), a pure
-function of ``(seed, step)``. ``train.autoencode_eval`` calls :func:`load_or_train`.
+writes the run and ``extractor.npz``. AdamW, cosine-decayed learning rate, cross-entropy, images
+shifted by up to ``random_shift`` pixels (``None``: ``round(min(H, W) / 20)``: 1 on 28×28, 0 on
+8×8), a pure function of ``(seed, step)``. ``train.autoencode_eval`` calls :func:`load_or_train`.
 """
 
 from __future__ import annotations
@@ -27,11 +23,11 @@ from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.metrics.digit_features import DigitFeatureExtractor, init_params, logits, pixels01
 
 from . import engine
-from .config import build, check_choice, check_range
+from .config import Config, build, check_choice, check_range
 
 
 @dataclass(frozen=True)
-class DigitFeaturesConfig:
+class DigitFeaturesConfig(Config):
     RESUMABLE = ("log_every", "checkpoint_every", "eval_batch_size", "num_devices", "data_dir")
 
     dataset: str = "mnist5k"

@@ -65,6 +65,8 @@ class Task:
         self.train, self.test = (load_dataset(dataset, s, data_dir=self.config.data_dir, **kw)
                                  for s in splits)
         if train_examples is not None:
+            if train_examples < self.config.batch_size:
+                raise ValueError(f"train_examples={train_examples} is smaller than batch_size")
             self.train = self.train._replace(images=self.train.images[:train_examples],
                                              labels=self.train.labels[:train_examples])
 

@@ -26,7 +26,7 @@ from ncode_jax.data import toy as toy_data
 from ncode_jax.models import FlowClassifier
 
 from . import engine
-from .config import SolveConfig, check_choice, check_range
+from .config import Config, SolveConfig, check_choice, check_range
 
 PROBLEMS = ("reflection", "annuli")
 MODELS = ("node", "anode", "open", "closed")
@@ -34,7 +34,7 @@ LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-
 
 
 @dataclass(frozen=True)
-class ToyConfig:
+class ToyConfig(Config):
     """Everything one (problem, model) run depends on."""
 
     RESUMABLE = ("steps", "log_every", "checkpoint_every", "num_devices", "figures")
