@@ -129,12 +129,10 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
 
 
 def results_table(summaries: list[dict]) -> str:
-    lines = ["| model | test accuracy | NFE (forward, eval) | wall time (s) | steps | parameters |",
-             "|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {LABELS[s['model']]} | {100 * s['test_accuracy']:.2f}% | {s['test_nfe']:.0f} | "
-                     f"{s['wall_time_s']:.0f} | {s['steps']} | {s['num_params']:,} |")
-    return "\n".join(lines)
+    header = ["model", "test accuracy", "NFE (forward, eval)", "wall time (s)", "steps", "parameters"]
+    return engine.markdown_table(header, [[LABELS[s["model"]], f"{100 * s['test_accuracy']:.2f}%",
+                                           f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.0f}", s["steps"],
+                                           f"{s['num_params']:,}"] for s in summaries])
 
 
 def report(workdir: Path, tasks, summaries: list[dict]) -> None:

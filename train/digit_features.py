@@ -130,9 +130,9 @@ def report(workdir: Path, tasks, summaries) -> None:
 
 
 def main(argv=None) -> int:
-    table = "| held-out accuracy | steps | time (s) |\n|---|---|---|\n| {test_accuracy:.4f} | {steps} | "
     return engine.main(argv, doc=__doc__, task_class=Task, sweep={}, subdir=lambda t: ".", report=report,
-                       table=lambda s: table.format(**s[0]) + f"{s[0]['wall_time_s']} |",
+                       table=lambda s: engine.markdown_table(["held-out accuracy", "steps", "time (s)"], [[
+                           f"{s[0]['test_accuracy']:.4f}", s[0]["steps"], s[0]["wall_time_s"]]]),
                        default_config=str(Path(__file__).parent / "configs" / "digit_features.py"))
 
 

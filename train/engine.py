@@ -161,6 +161,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return sorted(rows.values(), key=lambda r: r["step"])
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))

@@ -147,14 +147,11 @@ def _evaluation_arrays(task: Task, params) -> dict[str, np.ndarray]:
 
 
 def results_table(summaries: list[dict]) -> str:
-    lines = ["| problem | model | held-out metric | NFE (forward) | train time (s, incl. compile) | steps |",
-             "|---|---|---|---|---|---|"]
-    for s in summaries:
-        metric = (f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
-                  else f"accuracy {100 * s['test_accuracy']:.1f}%")
-        lines.append(f"| {s['problem']} | {LABELS[s['model']]} | {metric} | {s['test_nfe']:.0f} | "
-                     f"{s['wall_time_s']:.1f} | {s['steps']} |")
-    return "\n".join(lines)
+    header = ["problem", "model", "held-out metric", "NFE (forward)", "train time (s, with compile)", "steps"]
+    return engine.markdown_table(header, [
+        [s["problem"], LABELS[s["model"]], f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
+         else f"accuracy {100 * s['test_accuracy']:.1f}%", f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.1f}",
+         s["steps"]] for s in summaries])
 
 
 def _name(task: Task) -> str:
