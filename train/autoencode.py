@@ -115,8 +115,9 @@ def train_and_evaluate(cfg: AutoencodeConfig, workdir: str | Path, *, progress: 
 
 def results_table(summaries: list[dict]) -> str:
     header = ["model", "held-out reconstruction MSE", "parameters", "steps", "wall time (s)"]
-    return engine.markdown_table(header, [[MODEL_LABELS[s["model"]], f"{s['test_mse']:.5f}", f"{s['num_params']:,}",
-                                   s["steps"], f"{s['wall_time_s']:.0f}"] for s in summaries])
+    return engine.markdown_table(header, [[MODEL_LABELS[s["model"]], f"{s['test_mse']:.5f}",
+                                           f"{s['num_params']:,}", s["steps"], f"{s['wall_time_s']:.0f}"]
+                                          for s in summaries])
 
 
 def main(argv=None) -> int:
