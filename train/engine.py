@@ -9,10 +9,11 @@ does the rest for all of them:
 * **loop** — jitted, data-parallel train step; metrics every ``log_every`` steps; evaluation
   every ``task.eval_every`` steps and at the end; checkpoints every ``checkpoint_every`` steps and
   after each evaluation; a progress bar;
-* **workdir** — exclusive lock; ``config.json`` written only once config, data and checkpoint are
-  accepted; only keys outside each config's ``RESUMABLE`` compared on resume; verified checkpoints
-  with fallback; ``metrics.jsonl`` append-only, fsynced before the checkpoint that covers its rows
-  (:func:`read_metrics` skips torn lines and replayed rows); ``summary.json`` with ``finished``.
+* **workdir** — exclusive lock; ``config.json`` written with the first checkpoint, once config,
+  data and checkpoint were accepted; only keys outside each config's ``RESUMABLE`` compared on
+  resume; verified checkpoints with fallback; ``metrics.jsonl`` append-only, fsynced before the
+  checkpoint that covers its rows (:func:`read_metrics` skips torn lines and replayed rows);
+  ``summary.json`` with ``finished``.
 
 :func:`load_run` rebuilds model, trained parameters and config of any run directory; :func:`main`
 is every script's command line (``--config``, ``--workdir``, ``--set k=v``, ``--<key> value``,
@@ -231,8 +232,6 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     optimizer = task.optimizer(total)
     ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main)
     state = ckpt.restore(template := _template(task, optimizer)) or template
-    if dp.is_main:
-        _write_json(workdir / "config.json", {"task": task.name, "config": to_dict(cfg)})
     step, prior_wall = int(state["step"]), float(state["wall_time"])
     it = task.batches()
     it.restore({"epoch": int(state["data"]["epoch"]), "index": int(state["data"]["index"])})
@@ -246,9 +245,10 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     def wall() -> float:
         return round(prior_wall + time.perf_counter() - t_start, 2)
 
-    def save() -> None:
+    def save() -> None:  # config.json first: a run that fails before its first save records nothing
         nonlocal pending
         if dp.is_main:
+            _write_json(workdir / "config.json", {"task": task.name, "config": to_dict(cfg)})
             append_rows(metrics_path, pending)
         pending = []
         st = it.state()
