@@ -111,7 +111,8 @@ class Task:
         return params
 
     def describe(self, step: int, ev: dict) -> str:
-        return f"{self.row()} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
+        return " ".join(map(str, self.row().values())) + f" step {step}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in ev.items())
 
 
 class Run(NamedTuple):
