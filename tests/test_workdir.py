@@ -154,6 +154,18 @@ def test_data_errors_are_refused_before_the_workdir_is_used(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "w").exists()
+    # data_dir does not change an embedded set's experiment: a resume may change it, not the lr
+    from train import classify
+
+    tiny = dict(dataset="digits", hidden=2, augment=1, solver="euler", dt=0.5)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps(
+        {"task": "classify", "config": engine.to_dict(build(classify.ClassifyConfig, tiny))}))
+    engine.check_recorded_config(tmp_path / "c", classify.Task(build(classify.ClassifyConfig, tiny,
+                                                                     {"data_dir": str(tmp_path)})))
+    with pytest.raises(UserError, match="different configuration .*lr"):
+        engine.check_recorded_config(tmp_path / "c", classify.Task(build(classify.ClassifyConfig, tiny,
+                                                                         {"lr": 0.5})))
 
 
 @pytest.mark.parametrize("argv, message", [
