@@ -5,7 +5,7 @@ The global batch is fixed (weak scaling would change the problem): each device g
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (simulated devices that share the
 machine's cores, so **no speed-up is expected on a 2-core machine**: the same FLOPs run on the
 same cores, plus the gradient all-reduce); on GPU (``--platform gpu``) with ``num_devices=N`` of
-the real devices. The step is ``train.classify.make_steps``' train step jitted by
+the real devices. The step is the engine's train step (``train.engine.make_step``) jitted by
 ``train.parallel.DataParallel.jit`` (batch sharded, parameters and Adam state replicated).
 
 Variants: ``throw`` (diffrax/equinox runtime errors on, the library default) and ``nan``
@@ -40,30 +40,30 @@ def worker(args) -> dict:
     import optax
 
     from benchmarks.common import time_fn
-    from train import classify
+    from train import classify, engine
+    from train.config import build
     from train.parallel import DataParallel
 
-    cfg = classify.ClassifyConfig(dataset=args.dataset, model="open", batch_size=args.batch,
-                                  hidden=args.hidden, augment=args.augment, solver="rk4", dt=args.dt,
-                                  adjoint=args.adjoint, num_devices=args.devices)
-    train, _ = classify.load_data(cfg)
-    model = classify.build_model(cfg, train.image_shape, train.num_classes)
+    cfg = build(classify.ClassifyConfig, dict(dataset=args.dataset, model="open", batch_size=args.batch,
+                                              hidden=args.hidden, augment=args.augment, solver="rk4",
+                                              dt=args.dt, adjoint=args.adjoint, num_devices=args.devices))
+    task = classify.Task(cfg)
+    train = task.train
     opt = optax.adam(cfg.lr)
-    train_step, _ = classify.make_steps(model, cfg, opt)
     dp = DataParallel.create(cfg.num_devices)
     dp.check_batch(cfg.batch_size)
-    step = dp.jit(train_step, batch_argnums=(2, 3))
-    params = model.init(jax.random.key(0))
-    params, opt_state = dp.replicate((params, opt.init(params)))
-    images, labels = dp.shard_batch(train.images[: args.batch], train.labels[: args.batch])
+    step = dp.jit(engine.make_step(task, opt, jax.random.key(0)), batch_argnums=(4,))
+    params, extra = task.init(jax.random.key(0))
+    params, extra, opt_state = dp.replicate((params, extra, opt.init(params)))
+    batch = dp.shard_batch(train.images[: args.batch], train.labels[: args.batch])
 
     t = time.perf_counter()
-    compiled = step.lower(params, opt_state, images, labels).compile()
+    compiled = step.lower(params, extra, opt_state, 0, batch).compile()
     compile_s = time.perf_counter() - t
     hlo = compiled.as_text()
 
     def run(params, opt_state):
-        return compiled(params, opt_state, images, labels)[2]  # the loss: waits for the whole step
+        return compiled(params, extra, opt_state, 0, batch)[3]  # the loss: waits for the whole step
 
     timing = {**time_fn(run, params, opt_state, repeats=args.repeats), "compile_s": round(compile_s, 2)}
     return {"devices": dp.num_devices, "platform": jax.default_backend(),

@@ -198,7 +198,7 @@ def error_messages() -> dict:
 def run_train(workdir: str, out: str, overrides: list[str]) -> None:
     from train import classify, parallel
     from train.checkpoint import Checkpointer
-    from train.config import apply_overrides
+    from train.config import build, parse_overrides
 
     parallel.initialize_distributed()  # from the environment, as `python -m train.classify` does
     import jax
@@ -213,7 +213,7 @@ def run_train(workdir: str, out: str, overrides: list[str]) -> None:
         last["params"] = jax.tree.map(np.asarray, state["params"])
 
     Checkpointer.save = recording_save
-    cfg = classify.ClassifyConfig.from_dict(apply_overrides(dict(TINY, num_devices=None), overrides))
+    cfg = build(classify.ClassifyConfig, dict(TINY, num_devices=None), parse_overrides(overrides))
     summary = classify.train_and_evaluate(cfg, workdir, progress=False)
     leaves = jax.tree.leaves(last["params"])
     np.savez(out + ".npz", *leaves)
@@ -286,6 +286,7 @@ def run_autoencode(workdir: str, out: str) -> None:
     import jax
 
     from train import autoencode
+    from train.engine import load_run
 
     runs = {}
     for name, n in (("all", None), ("one", 1)):
@@ -293,7 +294,7 @@ def run_autoencode(workdir: str, out: str) -> None:
         summary = autoencode.train_and_evaluate(cfg, Path(workdir) / name, progress=False)
         mark(f"autoencode on {summary['num_devices']} device(s)")
         rows = [json.loads(x) for x in (Path(workdir) / name / "metrics.jsonl").read_text().splitlines()]
-        variables = autoencode.load_trained(Path(workdir) / name, image_shape=(8, 8, 1))[2]
+        variables = load_run(Path(workdir) / name).params
         runs[name] = (summary, [r["loss"] for r in rows if r["kind"] == "train"], jax.tree.leaves(variables))
     # whole-tree relative difference (per leaf, the biases before a batch norm, 0 + two Adam steps
     # of +-lr from rounding noise, differ by ~100% between the runs without changing the model)

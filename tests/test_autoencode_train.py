@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from train import autoencode
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, CheckpointError
+from train.engine import load_run
 
 X64 = False
 
@@ -42,16 +43,15 @@ def test_train_and_resume_matches_uninterrupted(kind, tmp_path, monkeypatch):
     resumed = autoencode.train_and_evaluate(cfg, tmp_path / "b", progress=False)
     assert resumed["steps"] == 12
     assert resumed["test_mse"] == pytest.approx(straight["test_mse"], rel=1e-5)
-    _, _, va = autoencode.load_trained(tmp_path / "a")
-    _, model, vb = autoencode.load_trained(tmp_path / "b")
+    va, vb = load_run(tmp_path / "a").params, load_run(tmp_path / "b").params
     for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 13))
     assert [r["epoch"] for r in rows if r["kind"] == "eval"] == [1, 2]
     if kind == "vae":
-        with pytest.raises(ValueError, match="latent size 6"):
-            autoencode.load_trained(tmp_path / "b", latent_dim=6)  # checkpoint has latent size 4
+        with pytest.raises(CheckpointError, match="does not fit this model"):
+            load_run(tmp_path / "b", latent_dim=6)  # the checkpoint has latent size 4
         with pytest.raises(ValueError, match="different configuration"):
             autoencode.train_and_evaluate(tiny_config(model=kind, latent_dim=6), tmp_path / "b",
                                           progress=False)
@@ -64,8 +64,8 @@ def test_cli(tmp_path, capsys):
     rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir", str(tmp_path),
                           "--set", "model=gan"])
     assert rc == 2 and "unknown model 'gan'" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        autoencode.load_trained(tmp_path)
+    with pytest.raises(ValueError, match="no config.json"):
+        load_run(tmp_path)
 
 
 def test_eval_rejects_more_components_than_codes(tmp_path, capsys):
@@ -73,7 +73,8 @@ def test_eval_rejects_more_components_than_codes(tmp_path, capsys):
 
     # only the config is needed: the check runs before any model is loaded
     (tmp_path / "ae").mkdir()
-    (tmp_path / "ae" / "config.json").write_text(json.dumps({**TINY, "model": "ae", "widths": [32]}))
+    (tmp_path / "ae" / "config.json").write_text(json.dumps({"task": "autoencode",
+                                                             "config": {**TINY, "model": "ae"}}))
     rc = autoencode_eval.main(["--workdir", str(tmp_path), "--components", "10,500"])
     err = capsys.readouterr().err
     assert rc == 2 and "[500] components to the 192 latent codes of the train split" in err

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
-from train import classify
+from train import classify, engine
 from train.checkpoint import Checkpointer
 
 X64 = False
@@ -34,17 +34,17 @@ def digits_batch():
 def test_loss_decreases_on_fixed_batch(kind, digits_batch):
     images, labels = digits_batch
     cfg = tiny_config(model=kind)
-    model = classify.build_model(cfg, images.shape[1:], 10)
+    task = classify.Task(cfg)
     opt = optax.adam(1e-2)
-    train_step, _ = classify.make_steps(model, cfg, opt)
-    params = model.init(jax.random.key(0))
+    train_step = jax.jit(engine.make_step(task, opt, jax.random.key(0)))
+    params, extra = task.init(jax.random.key(0))
     opt_state = opt.init(params)
     losses = []
-    for _ in range(8):
-        params, opt_state, loss, acc, nfe = train_step(params, opt_state, images, labels)
+    for i in range(8):
+        params, extra, opt_state, loss, m = train_step(params, extra, opt_state, i, (images, labels))
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
-    assert int(nfe) == 2  # euler, dt=0.5 on [0, 1]
+    assert int(m["nfe"]) == 2  # euler, dt=0.5 on [0, 1]
     # the second and later calls reuse the compiled step
     assert train_step._cache_size() == 1
 
@@ -110,21 +110,21 @@ def test_bad_input_errors(digits_batch):
     model = classify.build_model(cfg, images.shape[1:], 10)
     params = model.init(jax.random.key(0))
     with pytest.raises(ValueError, match="shape"):
-        model(params, jnp.zeros((4, 10, 10, 1)), **cfg.solve_options)  # wrong image size
+        model(params, jnp.zeros((4, 10, 10, 1)), **cfg.solve.kwargs())  # wrong image size
     with pytest.raises(ValueError, match="shape"):
-        model(params, jnp.zeros((4, 8, 8, 3)), **cfg.solve_options)  # wrong channel count
+        model(params, jnp.zeros((4, 8, 8, 3)), **cfg.solve.kwargs())  # wrong channel count
     bad = np.array(images[:4])
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(Exception, match="NaN"):
-        jax.block_until_ready(jax.jit(lambda p, x: model(p, x, **cfg.solve_options)[0])(params, bad))
+        jax.block_until_ready(jax.jit(lambda p, x: model(p, x, **cfg.solve.kwargs())[0])(params, bad))
     with pytest.raises(ValueError, match="unknown model"):
         tiny_config(model="resnet")
     with pytest.raises(ValueError, match="unknown dataset"):
         tiny_config(dataset="imagenet")
     with pytest.raises(ValueError, match="out of range"):
         tiny_config(lr=-1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        tiny_config(dt=2.0)
+    with pytest.raises(ValueError, match="dt must be a positive"):
+        tiny_config(dt=-1.0)
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -14,12 +14,8 @@ from ncode_jax.metrics import feature_statistics, fid_from_features, frechet_dis
 from ncode_jax.metrics import inception as inc
 from ncode_jax.metrics.convert_inception import convert_state_dict
 from ncode_jax.metrics.convert_inception import main as convert_main
-from ncode_jax.metrics.digit_features import (
-    DIGIT_FID_NAME,
-    DigitFeatureExtractor,
-    load_or_train_digit_extractor,
-    train_digit_classifier,
-)
+from ncode_jax.metrics.digit_features import DIGIT_FID_NAME, DigitFeatureExtractor
+from train.digit_features import train_extractor
 
 X64 = False  # the feature networks run in float32, as users run them; FID itself is float64 numpy
 
@@ -161,8 +157,8 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def digit_extractor(digits):
-    return train_digit_classifier(digits[0], seed=0, epochs=8, batch_size=64)
+def digit_extractor(tmp_path_factory):
+    return train_extractor(tmp_path_factory.mktemp("digitfeat"), "digits", epochs=8, batch_size=64)
 
 
 def test_digit_classifier_accuracy_and_features(digit_extractor, digits):
@@ -198,9 +194,6 @@ def test_digit_extractor_save_load_roundtrip(digit_extractor, digits, tmp_path):
     assert loaded.image_shape == digit_extractor.image_shape and loaded.info == digit_extractor.info
     x = digits[1].images[:20]
     np.testing.assert_array_equal(loaded.features(x), digit_extractor.features(x))
-    # cached: load_or_train returns the file's extractor without training when it matches
-    cached = load_or_train_digit_extractor(path, "digits", seed=0, epochs=8)
-    np.testing.assert_array_equal(cached.params["fc_w"], digit_extractor.params["fc_w"])
     bad = tmp_path / "bad.npz"
     np.savez(bad, meta=np.asarray(json.dumps({"format": "other", "version": 1})))
     with pytest.raises(ValueError, match="unsupported format"):
@@ -218,36 +211,15 @@ def test_digit_extractor_bad_input(digit_extractor, digits):
         digit_extractor.features(np.full((2, 8, 8, 1), np.nan, np.float32))
     with pytest.raises(ValueError, match="at least 2 samples"):
         digit_extractor.fid(digits[1].images[:1], digits[1].images)
-    with pytest.raises(ValueError, match="epochs must be a positive int"):
-        train_digit_classifier(digits[0], epochs=0)
-    with pytest.raises(ValueError, match="random_shift"):
-        train_digit_classifier(digits[0], random_shift=-1)
-    with pytest.raises(TypeError, match="Dataset"):
-        train_digit_classifier(digits[0].images)
-
-
-def test_random_shift_is_a_zero_filled_translation():
-    from ncode_jax.metrics.digit_features import _shift
-
-    x = np.random.default_rng(0).uniform(0.1, 1.0, size=(20, 6, 7, 1))
-    y = _shift(x, 2, np.random.default_rng(1))
-    seen = set()
-    for xi, yi in zip(x, y):
-        matches = [
-            (dy, dx)
-            for dy in range(-2, 3)
-            for dx in range(-2, 3)
-            if np.array_equal(yi, np.roll(np.pad(xi, ((2, 2), (2, 2), (0, 0))), (dy, dx), (0, 1))[2:-2, 2:-2])
-        ]
-        assert len(matches) == 1
-        seen.add(matches[0])
-    assert len(seen) > 5  # offsets vary between images
-    assert _shift(x, 0, np.random.default_rng(1)) is x
+    with pytest.raises(ValueError, match="epochs=0 is out of range"):
+        train_extractor("unused", "digits", epochs=0)
+    with pytest.raises(ValueError, match="random_shift=-1 is out of range"):
+        train_extractor("unused", "digits", random_shift=-1)
 
 
 @pytest.mark.slow
-def test_digit_classifier_on_mnist5k():
-    ext = train_digit_classifier(load_dataset("mnist5k", "train"), seed=0, epochs=10)
+def test_digit_classifier_on_mnist5k(tmp_path):
+    ext = train_extractor(tmp_path, "mnist5k", epochs=10)
     assert ext.accuracy(load_dataset("mnist5k", "test")) >= 0.95
 
 

@@ -4,11 +4,11 @@ import json
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from train import toy
+from train import engine, toy
 from train.checkpoint import Checkpointer
+from train.config import UserError, build
 
 X64 = False  # train as users do, in float32
 
@@ -51,13 +51,13 @@ def test_ncode_separates_annuli(annuli_results, model):
 
 def test_outputs_written(reflection_results):
     _, workdir = reflection_results
-    for name in ["summary.json", "results.md", "metrics.jsonl", "reflection_trajectories.png",
+    for name in ["summary.json", "results.md", "reflection_open/metrics.jsonl", "reflection_trajectories.png",
                  "training_curves.png"]:
         assert (workdir / name).stat().st_size > 0, name
     summary = json.loads((workdir / "summary.json").read_text())
     assert {s["model"] for s in summary} == {"node", "open", "closed"}
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if r["model"] == "open"]
+    rows = engine.read_metrics(workdir / "reflection_open" / "metrics.jsonl")
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(10, 201, 10))
     assert "N-CODE closed" in (workdir / "results.md").read_text()
 
@@ -75,34 +75,30 @@ def test_cli_smoke(tmp_path, capsys):
 def test_cli_rejects_bad_options(tmp_path, capsys):
     assert toy.main(["--workdir", str(tmp_path), "--steps", "0"]) == 2
     assert "steps=0 is out of range" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        toy.main(["--solver", "rk45"])  # argparse names the valid choices
+    assert toy.main(["--workdir", str(tmp_path), "--solver", "rk45"]) == 2
+    assert "unknown solver 'rk45'" in capsys.readouterr().err
+    assert toy.main(["--workdir", str(tmp_path), "--rtol", "-1"]) == 2  # trained before the engine
+    assert "rtol" in capsys.readouterr().err
+    assert not (tmp_path / "reflection_open").exists()
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown problem"):
         toy.ToyConfig(problem="spirals")
-    with pytest.raises(ValueError, match="unknown adjoint"):
-        toy.ToyConfig(adjoint="adjoint")
-    with pytest.raises(ValueError, match="dt=.* out of range"):
-        toy.ToyConfig(dt=-0.1)
+    with pytest.raises(UserError, match="unknown adjoint"):
+        build(toy.ToyConfig, {"adjoint": "adjoint"})
+    with pytest.raises(UserError, match="dt"):
+        build(toy.ToyConfig, {"dt": -0.1})
 
 
 def _final_params(workdir, name):
-    ckpt = Checkpointer(workdir / "checkpoints" / name)
-    step = ckpt.latest_step()
-    task = toy.ToyTask(toy.ToyConfig(problem="reflection", model="open"))
-    params = task.init(jax.random.key(0))
-    opt_state = optax.adam(1e-2).init(params)
-    state = ckpt.restore({"params": params, "opt_state": opt_state, "step": np.asarray(0),
-                          "train_time": np.asarray(0.0)})
-    ckpt.close()
-    return step, state["params"]
+    run = engine.load_run(workdir / name)
+    return run.step, run.params
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
-    cfg = toy.ToyConfig(problem="reflection", model="open", steps=20, checkpoint_every=5,
-                        log_every=5, solver="rk4", dt=0.25)
+    cfg = build(toy.ToyConfig, dict(problem="reflection", model="open", steps=20, checkpoint_every=5,
+                                    log_every=5, solver="rk4", dt=0.25))
     toy.train_one(cfg, tmp_path / "straight", progress=False)
     _, straight = _final_params(tmp_path / "straight", "reflection_open")
 
@@ -125,9 +121,11 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     assert step == 20
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [5, 10, 15, 20]  # no duplicates
+    lines = (tmp_path / "killed" / "reflection_open" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [5, 10, 15, 20]  # no duplicates
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [20]
 
-    with pytest.raises(ValueError, match="different configuration"):
-        toy.train_one(toy.ToyConfig(problem="reflection", model="open", lr=0.5), tmp_path / "killed",
-                      progress=False)
+    with pytest.raises(UserError, match="different configuration"):
+        toy.train_one(build(toy.ToyConfig, dict(problem="reflection", model="open", lr=0.5)),
+                      tmp_path / "killed", progress=False)

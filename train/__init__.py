@@ -1,1 +1,3 @@
-"""Training entry points (``python -m train.<name>``) and their shared utilities."""
+"""Training entry points (``python -m train.<name>``) on one run engine; :func:`load_run` opens any run."""
+
+from .engine import load_run  # noqa: F401

@@ -3,28 +3,20 @@
     python -m train.autoencode_eval --workdir runs/ae5k [--components 10,100,1000] [--samples 10000]
         [--inception-weights FILE]
 
-``--workdir`` is the work directory of ``train.autoencode`` (one sub-folder per model). For every
-model it computes
+``--workdir`` is the work directory of ``train.autoencode``; runs not trained to their last step
+are refused (``--allow-unfinished``: evaluated and labelled UNFINISHED). For every model: the
+held-out reconstruction MSE (pixels in [0, 1]) and the FID between the held-out images and
+``--samples`` decoded samples of each latent sampler — a Gaussian mixture with each of
+``--components`` (k-means init, tol 1e-3, ≤ 100 EM iterations) fitted on the codes of
+``--fit-split`` (default train; the paper fitted the test codes), a Gaussian KDE, the VAE's N(0, I)
+prior — and of the held-out reconstructions. Features: InceptionV3 pool3 with
+``--inception-weights`` ("FID", see ``docs/inception_weights.md``); otherwise, for digit sets, the
+digit-feature network trained on the engine in ``<workdir>/digit_features/``
+(:mod:`train.digit_features`), reported as **digit-feature FID**, not comparable to the paper's.
 
-* the held-out reconstruction MSE (mean over images and pixels of ``(x̂ - x)²``, pixels in [0, 1]);
-* the FID between the held-out images and ``--samples`` decoded samples of each latent sampler:
-  a Gaussian mixture with each of ``--components`` (k-means init, tol 1e-3, ≤ 100 EM iterations)
-  fitted on the latent codes of ``--fit-split`` (default the training split; the paper fitted the
-  test-set codes), a Gaussian KDE, and for the VAE its N(0, I) prior; plus the FID of the
-  held-out reconstructions.
-
-The features: with ``--inception-weights`` (see ``docs/inception_weights.md``) InceptionV3 pool3,
-reported as "FID"; otherwise, for digit sets (``mnist5k``, ``mnist``, ``digits``), the penultimate
-layer of a small classifier trained on the training split (``ncode_jax.metrics.digit_features``,
-cached in ``<workdir>/digit_features.npz``), reported as **digit-feature FID** — not comparable
-to the paper's Inception FIDs. Other sets without Inception weights get no FID.
-
-Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md`` and the figures ``orbit.png``
-(AutoN-CODE: decoded ``x(t)`` for t across [0, t1], figs. 8/A.2), ``samples_<model>.png`` (random
-samples per sampler), ``interpolation.png`` (latent interpolations between held-out pairs, fig.
-A.8) and ``tsne.png`` (t-SNE of held-out codes coloured by a 10-component GMM and by label, fig.
-A.7). Asking for more mixture components than there are codes to fit is an error (exit code 2),
-raised before any work.
+Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md``, ``orbit.png`` (AutoN-CODE's decoded
+``x(t)``, figs. 8/A.2), ``samples_<model>.png``, ``interpolation.png`` (fig. A.8) and ``tsne.png``
+(fig. A.7). Too many mixture components for the codes is an error raised before any work.
 """
 
 from __future__ import annotations
@@ -41,16 +33,18 @@ import numpy as np
 
 from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
 from ncode_jax.metrics.batching import map_batches
+from ncode_jax.metrics.fid import fid_from_features
 from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS, Autoencoder
 
-from .autoencode import load_data, load_trained
+from . import autoencode
+from .config import UserError, build
+from .engine import error, load_run
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
 
 
-def batched(fn, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """``fn`` over ``x`` in fixed-size batches (one compilation; see ``map_batches``)."""
+def batched(fn, x: np.ndarray, batch_size: int = 500) -> np.ndarray:  # one compilation
     return map_batches(lambda chunk: fn(jnp.asarray(chunk)), x, batch_size)
 
 
@@ -62,14 +56,16 @@ class Features:
         if inception_weights is not None:
             from ncode_jax.metrics import inception
 
-            variables = inception.load_inception_params(inception_weights)
+            try:
+                variables = inception.load_inception_params(inception_weights)
+            except Exception as e:  # noqa: BLE001 - a bad weights file is the user's input
+                raise UserError(f"--inception-weights {inception_weights}: cannot read it ({e})") from None
             self.fn = lambda images: inception.inception_features(variables, images)
             self.name = "FID"
         elif dataset in DIGIT_SETS:
-            from ncode_jax.metrics.digit_features import load_or_train_digit_extractor
+            from .digit_features import load_or_train
 
-            extractor = load_or_train_digit_extractor(workdir / "digit_features.npz", dataset,
-                                                      data_dir=data_dir, seed=0)
+            extractor = load_or_train(workdir / "digit_features", dataset, data_dir=data_dir)
             self.fn = extractor.features
             self.name = DIGIT_FID
             self.info = extractor.info
@@ -81,18 +77,12 @@ class Features:
 
 
 def model_dirs(workdir: Path, models: list[str] | None) -> list[Path]:
-    found = [workdir / m for m in MODEL_KINDS if (workdir / m / "config.json").exists()]
-    if models is not None:
-        unknown = [m for m in models if m not in MODEL_KINDS]
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; choose from {list(MODEL_KINDS)}")
-        missing = [m for m in models if not (workdir / m / "config.json").exists()]
-        if missing:
-            raise FileNotFoundError(f"{workdir} holds no trained {missing} (no <model>/config.json)")
-        found = [workdir / m for m in models]
-    if not found:
-        raise FileNotFoundError(f"{workdir} holds no trained models (expected {list(MODEL_KINDS)} folders "
-                                "written by python -m train.autoencode)")
+    if models is not None and set(models) - set(MODEL_KINDS):
+        raise UserError(f"unknown models {sorted(set(models) - set(MODEL_KINDS))}; choose from {MODEL_KINDS}")
+    found = [workdir / m for m in models or MODEL_KINDS if (workdir / m / "config.json").exists()]
+    if not found or (models and len(found) < len(models)):
+        raise UserError(f"{workdir} holds no trained {models or 'models'} (<model>/config.json written by "
+                        "python -m train.autoencode)")
     return found
 
 
@@ -125,6 +115,13 @@ def _plt():
     return plt
 
 
+def _save(fig, out: Path, dpi: int = 120) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    _plt().close(fig)
+    return out
+
+
 def plot_orbit(model: Autoencoder, variables, images: np.ndarray, out: Path, steps: int = 11) -> Path:
     """Decoded ``x(t)`` at ``steps`` times in ``[0, t1]`` (columns) for each image (rows), and
     the ground truth in the last column (figs. 8 and A.2)."""
@@ -141,39 +138,18 @@ def plot_orbit(model: Autoencoder, variables, images: np.ndarray, out: Path, ste
     ax.set_xticklabels([f"{float(t):g}" for t in ts] + ["truth"], fontsize=7)
     ax.set_xlabel("t (decoded latent state x(t); last column: input image)")
     ax.set_title("AutoN-CODE: reconstructions along the controlled orbit")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
-def plot_samples(label: str, rows: dict[str, np.ndarray], out: Path, cols: int = 12) -> Path:
-    plt = _plt()
-    fig, axes = plt.subplots(len(rows), 1, figsize=(0.75 * cols, 0.85 * len(rows) + 0.4), squeeze=False)
+def plot_rows(title: str, rows: dict[str, np.ndarray], out: Path, cols: int = 12) -> Path:
+    """One labelled row of images per entry of ``rows`` (label → ``(n, h, w, c)``), ``cols`` each."""
+    fig, axes = _plt().subplots(len(rows), 1, figsize=(0.75 * cols + 1.0, 0.85 * len(rows) + 0.4),
+                                squeeze=False)
     for ax, (name, imgs) in zip(axes[:, 0], rows.items()):
         _show(ax, _grid(imgs[:cols], 1, cols))
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    axes[0, 0].set_title(f"{label}: random samples per latent sampler")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-def plot_interpolations(rows: dict[str, np.ndarray], out: Path) -> Path:
-    """``rows``: label → ``(steps, h, w, c)`` decoded linear interpolation between two codes."""
-    plt = _plt()
-    steps = next(iter(rows.values())).shape[0]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(0.75 * steps + 1.0, 0.8 * len(rows) + 0.4),
-                             squeeze=False)
-    for ax, (name, imgs) in zip(axes[:, 0], rows.items()):
-        _show(ax, _grid(imgs, 1, steps))
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    axes[0, 0].set_title("linear interpolation between the latent codes of two held-out images")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    axes[0, 0].set_title(title)
+    return _save(fig, out)
 
 
 def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out: Path) -> Path:
@@ -188,24 +164,24 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("t-SNE of held-out latent codes (fig. A.7)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, 110)
 
 
-def evaluate_model(model_dir: Path, train, test, features: Features, real_feats, *, components,
+def evaluate_model(run, train, test, features: Features, real_feats, *, components,
                    n_samples: int, fit_split: str, kde_bandwidth, seed: int) -> tuple[dict, dict]:
-    """Metrics for one trained model and the arrays the figures need."""
-    cfg, model, variables = load_trained(model_dir, image_shape=test.image_shape)
+    """Metrics for one trained model (a :func:`~train.engine.load_run` result) and the arrays the
+    figures need."""
+    cfg, model, variables = run.config, run.model, run.params
     latent = jax.jit(model.latent)
     decode = jax.jit(model.decode)
     t0 = time.perf_counter()
     codes_test = batched(lambda x: latent(variables, x), test.images)
     codes_fit = codes_test if fit_split == "test" else batched(lambda x: latent(variables, x), train.images)
     recon = batched(lambda z: decode(variables, z), codes_test)
-    result = {"model": cfg.model, "label": MODEL_LABELS[cfg.model], "num_params": model.num_params(),
-              "latent_dim": model.latent_dim,
+    label = MODEL_LABELS[cfg.model] + ("" if run.finished else f" (UNFINISHED: step {run.step} of "
+                                                                f"{run.task.total_steps})")
+    result = {"model": cfg.model, "label": label, "finished": run.finished, "step": run.step,
+              "num_params": model.num_params(), "latent_dim": model.latent_dim,
               "test_mse": float(np.mean((recon - test.images) ** 2)), "fid_name": features.name,
               "fit_split": fit_split, "n_fit_codes": int(codes_fit.shape[0]), "samplers": {}}
     makers = {f"GMM-{k}": (lambda k=k: GMMSampler(codes_fit, k, seed=seed)) for k in components}
@@ -219,24 +195,18 @@ def evaluate_model(model_dir: Path, train, test, features: Features, real_feats,
         fit_seconds[name] = round(time.perf_counter() - t_fit, 2)
     sample_images = {}
     if features.name is not None:
-        result["fid_reconstructions"] = float(_fid(real_feats, features(recon)))
+        result["fid_reconstructions"] = float(fid_from_features(real_feats, features(recon)))
     for name, sampler in samplers.items():
         imgs = batched(lambda z: decode(variables, z), sampler.sample(n_samples, seed=seed))
         entry = {"fit": sampler.fit_info, "fit_seconds": fit_seconds[name]}
         if features.name is not None:
-            entry["fid"] = float(_fid(real_feats, features(imgs)))
+            entry["fid"] = float(fid_from_features(real_feats, features(imgs)))
         result["samplers"][name] = entry
         sample_images[name] = imgs[:24]
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
     arrays = {"model": model, "variables": variables, "codes_test": codes_test,
               "samples": sample_images, "gmm10": GMMSampler(codes_test, 10, seed=seed)}
     return result, arrays
-
-
-def _fid(a, b) -> float:
-    from ncode_jax.metrics.fid import fid_from_features
-
-    return fid_from_features(a, b)
 
 
 def results_table(results: list[dict], components) -> str:
@@ -258,30 +228,41 @@ def results_table(results: list[dict], components) -> str:
 
 def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: int = 10000,
         fit_split: str = "train", kde_bandwidth=None, inception_weights=None, seed: int = 0,
-        n_figure: int = 8, tsne_points: int = 1000) -> list[dict]:
+        n_figure: int = 8, tsne_points: int = 1000, allow_unfinished: bool = False) -> list[dict]:
+    """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
+    unless ``allow_unfinished``, and then labelled UNFINISHED in every output."""
     dirs = model_dirs(workdir, models)
-    cfg0 = json.loads((dirs[0] / "config.json").read_text())
-    from .autoencode import AutoencodeConfig
-
-    train, test = load_data(AutoencodeConfig.from_dict(cfg0))
+    record = json.loads((dirs[0] / "config.json").read_text())
+    if record.get("task") != "autoencode":
+        raise UserError(f"{dirs[0]}/config.json was not written by this version of train.autoencode")
+    cfg0 = build(autoencode.AutoencodeConfig, record["config"])
+    data = autoencode.Task(cfg0)
+    train, test = data.train, data.test
     n_fit = test.num_examples if fit_split == "test" else train.num_examples
     too_many = [k for k in components if k > n_fit]
     if too_many:
         raise ValueError(f"cannot fit Gaussian mixtures with {too_many} components to the {n_fit} latent "
                          f"codes of the {fit_split} split: use at most {n_fit} components")
+    runs = {d: load_run(d) for d in dirs}
+    unfinished = [f"{d.name} (step {r.step} of {r.task.total_steps})" for d, r in runs.items()
+                  if not r.finished]
+    if unfinished and not allow_unfinished:
+        raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
+                        "to finish them, or pass --allow-unfinished to evaluate them labelled as such")
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    features = Features(workdir, cfg0["dataset"], cfg0.get("data_dir"), inception_weights)
+    features = Features(workdir, cfg0.dataset, cfg0.data_dir, inception_weights)
     real_feats = features(test.images) if features.name is not None else None
     results, arrays = [], {}
     for d in dirs:
         print(f"evaluating {d.name} ...", file=sys.stderr, flush=True)
-        res, arr = evaluate_model(d, train, test, features, real_feats, components=components,
+        res, arr = evaluate_model(runs[d], train, test, features, real_feats, components=components,
                                   n_samples=n_samples, fit_split=fit_split, kde_bandwidth=kde_bandwidth,
                                   seed=seed)
         results.append(res)
         arrays[d.name] = arr
-        plot_samples(res["label"], arr["samples"], out / f"samples_{d.name}.png")
+        plot_rows(f"{res['label']}: random samples per latent sampler", arr["samples"],
+                  out / f"samples_{d.name}.png")
     # figures
     rng = np.random.default_rng(seed)
     pick = rng.choice(test.num_examples, size=n_figure, replace=False)
@@ -296,7 +277,8 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
             z = (1 - w) * a["codes_test"][i] + w * a["codes_test"][j]
             imgs = np.asarray(a["model"].decode(a["variables"], jnp.asarray(z)))
             interp[f"{MODEL_LABELS[name]} (pair {p + 1})"] = imgs
-    plot_interpolations(interp, out / "interpolation.png")
+    plot_rows("linear interpolation between the latent codes of two held-out images", interp,
+              out / "interpolation.png", cols=10)
     from sklearn.manifold import TSNE
 
     sub = rng.choice(test.num_examples, size=min(tsne_points, test.num_examples), replace=False)
@@ -308,8 +290,9 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
         panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
         print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
     plot_tsne(panels, out / "tsne.png")
-    meta = {"workdir": str(workdir), "n_samples": n_samples, "components": list(components),
-            "fit_split": fit_split, "test_examples": test.num_examples, "fid_name": features.name,
+    meta = {"workdir": str(workdir), "unfinished": unfinished, "n_samples": n_samples,
+            "components": list(components), "fit_split": fit_split, "test_examples": test.num_examples,
+            "fid_name": features.name,
             "feature_extractor": getattr(features, "info", None), "results": results}
     (out / "eval.json").write_text(json.dumps(meta, indent=2))
     (out / "results.md").write_text(results_table(results, components) + "\n")
@@ -318,17 +301,17 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="the work directory of python -m train.autoencode")
-    p.add_argument("--models", default=None, help="comma list (default: every trained model found)")
-    p.add_argument("--components", default="10,100,1000", help="GMM component counts, comma list")
+    for flag, default, help_ in [("--workdir", None, "the work directory of python -m train.autoencode"),
+                                 ("--models", None, "comma list (default: every trained model found)"),
+                                 ("--components", "10,100,1000", "GMM component counts, comma list"),
+                                 ("--inception-weights", None, ".npz InceptionV3 weights (standard FID)")]:
+        p.add_argument(flag, default=default, required=flag == "--workdir", help=help_)
     p.add_argument("--samples", type=int, default=10000, help="generated images per sampler")
-    p.add_argument("--fit-split", choices=("train", "test"), default="train",
-                   help="codes the samplers are fitted to (the paper used the test set)")
-    p.add_argument("--kde-bandwidth", type=float, default=None,
-                   help="KDE width in per-dimension standardised units (default: Scott's rule)")
-    p.add_argument("--inception-weights", default=None, help=".npz InceptionV3 weights (standard FID)")
+    p.add_argument("--fit-split", choices=("train", "test"), default="train", help="codes fitted to")
+    p.add_argument("--kde-bandwidth", type=float, default=None, help="in standardised units (Scott's rule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tsne-points", type=int, default=1000)
+    p.add_argument("--allow-unfinished", action="store_true", help="evaluate unfinished runs (labelled)")
     return p.parse_args(argv)
 
 
@@ -344,10 +327,9 @@ def main(argv=None) -> int:
         results = run(Path(args.workdir), models=models, components=components, n_samples=args.samples,
                       fit_split=args.fit_split, kde_bandwidth=args.kde_bandwidth,
                       inception_weights=args.inception_weights, seed=args.seed,
-                      tsne_points=args.tsne_points)
+                      tsne_points=args.tsne_points, allow_unfinished=args.allow_unfinished)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e, 2)
     print(results_table(results, components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")

@@ -1,86 +1,183 @@
-"""Orbax checkpoints for training state, and the run-configuration guard used on resume.
+"""Checkpoints verified on restore, and an exclusive workdir lock.
 
-:class:`Checkpointer` saves a PyTree of arrays synchronously (``save`` returns once the step is
-committed; orbax writes to a temporary directory and renames it, so a kill mid-save leaves the
-previous checkpoint intact) and restores the latest one into the structure of a template.
+Checkpoint ``step_<s>/``: ``arrays.npz`` (the state's leaves) and ``manifest.json`` (step, PyTree
+paths, shapes, dtypes, SHA-256 of ``arrays.npz``), written to a temporary directory, fsynced and
+renamed (a kill mid-save leaves the older ones intact). A failed save raises
+:class:`CheckpointError` at once (no background threads to hang the process). Restore takes the
+newest intact checkpoint (an older one, with a message, when the newest is damaged) and checks
+paths, shapes and dtypes against the model. Process 0 alone writes; every process reads.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from .config import UserError
 
 
-def _to_host(tree: Any) -> Any:
-    """Arrays and Python/NumPy scalars → NumPy arrays (what orbax's StandardSave accepts)."""
-    return jax.tree.map(lambda a: np.asarray(a), tree)
+class CheckpointError(UserError):
+    """A checkpoint could not be written or no intact checkpoint fits the model."""
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)  # replicated: every device holds the whole value
+    return np.asarray(x)
+
+
+def _flat(tree: Any) -> tuple[list[str], list, Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [jax.tree_util.keystr(p) for p, _ in leaves], [v for _, v in leaves], treedef
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Checkpointer:
-    """Keeps the last ``max_to_keep`` checkpoints of one run under ``directory``."""
+    """The last ``max_to_keep`` checkpoints of one run under ``directory``."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
-        self.directory = Path(directory).resolve()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, *, write: bool = True):
+        self.directory = Path(directory)
+        self.max_to_keep = max_to_keep
+        self.write = write
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoints on disk, newest first (intact or not)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((int(p.name[5:]) for p in self.directory.glob("step_*") if p.name[5:].isdigit()),
+                      reverse=True)
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.steps()
+        return steps[0] if steps else None
 
     def save(self, step: int, state: Any) -> None:
-        self._manager.save(int(step), args=ocp.args.StandardSave(_to_host(state)), force=True)
-        self._manager.wait_until_finished()
+        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``; returns once it is
+        committed. Raises :class:`CheckpointError` naming the directory if it cannot be written."""
+        if not self.write:
+            return
+        names, values, _ = _flat(state)
+        arrays = {n: _host(v) for n, v in zip(names, values)}
+        final = self.directory / f"step_{int(step):08d}"
+        tmp = self.directory / f".tmp_step_{int(step):08d}_{os.getpid()}"
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            with open(tmp / "arrays.npz", "wb") as f:
+                np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays.values())})
+                f.flush()
+                os.fsync(f.fileno())
+            manifest = {"step": int(step), "sha256": _sha256(tmp / "arrays.npz"), "time": time.time(),
+                        "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()]}
+            (tmp / "manifest.json").write_text(json.dumps(manifest))
+            _fsync(tmp / "manifest.json")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(self.directory)
+            for old in self.steps()[self.max_to_keep:]:
+                shutil.rmtree(self.directory / f"step_{old:08d}", ignore_errors=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write the checkpoint of step {step} to {self.directory}: "
+                                  f"{e.strerror or e}") from None
+
+    def _read(self, step: int) -> tuple[dict, list[np.ndarray]]:
+        d = self.directory / f"step_{step:08d}"
+        manifest = json.loads((d / "manifest.json").read_text())
+        if _sha256(d / "arrays.npz") != manifest["sha256"]:
+            raise ValueError("its arrays.npz does not match the SHA-256 in manifest.json")
+        with np.load(d / "arrays.npz", allow_pickle=False) as data:
+            arrays = [data[f"a{i}"] for i in range(len(manifest["leaves"]))]
+        return manifest, arrays
 
     def restore(self, template: Any) -> Any | None:
-        """The latest checkpoint restored into ``template``'s structure, or None if none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_host(template))
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        """The newest intact checkpoint in ``template``'s structure (None if there is none); one
+        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`."""
+        names, values, treedef = _flat(template)
+        damaged = []
+        for step in self.steps():
+            try:
+                manifest, arrays = self._read(step)
+            except (OSError, ValueError, KeyError, EOFError) as e:
+                damaged.append(step)
+                print(f"warning: checkpoint {self.directory}/step_{step:08d} is damaged ({e}); "
+                      "trying the previous one", file=sys.stderr, flush=True)
+                continue
+            want = [[n, list(np.shape(v)), np.asarray(v).dtype.str] for n, v in zip(names, values)]
+            if manifest["leaves"] != want:
+                got = manifest["leaves"] + [None] * len(want)
+                diff = next((f"{g} vs {w}" for g, w in zip(got, want) if g != w), "extra arrays")
+                raise CheckpointError(
+                    f"the checkpoint {self.directory}/step_{step:08d} does not fit this model "
+                    f"(saved [path, shape, dtype] vs the model's: {diff}); this workdir holds "
+                    "another experiment: use another workdir")
+            if damaged:
+                print(f"warning: resuming {self.directory} from step {step} instead of damaged "
+                      f"step(s) {damaged}", file=sys.stderr, flush=True)
+            return jax.tree_util.tree_unflatten(treedef, arrays)
+        if damaged:
+            raise CheckpointError(f"every checkpoint in {self.directory} is damaged (steps {damaged}); "
+                                  "delete them to start over")
+        return None
 
-    def restore_raw(self) -> Any | None:
-        """The latest checkpoint as saved (nested dicts of NumPy arrays), or None if none: for
-        callers that check shapes themselves before building a template."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        return self._manager.restore(step, args=ocp.args.StandardRestore())
 
-    def close(self) -> None:
-        self._manager.close()
+class WorkdirLock:
+    """An exclusive ``flock`` on ``<directory>/lock`` naming its holder (pid, host, command, time);
+    a second holder gets a :class:`UserError` quoting it. The kernel drops it when the process dies."""
 
+    _held: set[str] = set()  # locks this process holds: taking one again is a no-op
 
-def check_run_config(path: str | os.PathLike, config: dict, *, ignore: tuple[str, ...] = (),
-                     write: bool = True) -> None:
-    """Record ``config`` as JSON at ``path`` on first use; on later runs raise if the settings
-    (other than those in ``ignore``) differ, so a resume never mixes two experiments.
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / "lock"
+        self._fd = None
+        if str(self.path.resolve()) in self._held:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use the workdir {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise UserError(f"the workdir {self.path.parent} is in use by {holder}; wait for it to end "
+                            "or use another workdir") from None
+        info = (f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)}), started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, info.encode(), 0)
+        self._held.add(str(self.path.resolve()))
 
-    ``write=False`` only checks (the other processes of a multi-process run); the file is replaced
-    atomically, so a process reading it never sees half of it."""
-    path = Path(path)
-    config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
-    current = {k: v for k, v in config.items() if k not in ignore}
-    if path.exists():
-        saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in ignore}
-        if saved != current:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-                             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k))
-            raise ValueError(
-                f"{path.parent} holds a run with a different configuration ({diff}); use another "
-                "workdir or delete that directory to start over"
-            )
-    if not write:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    def release(self) -> None:
+        if self._fd is not None:
+            self._held.discard(str(self.path.resolve()))
+            os.close(self._fd)
+            self._fd = None

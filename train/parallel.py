@@ -15,26 +15,9 @@ or the ``JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID`` environment 
 anything else touches JAX. Every process then builds the same global batch from the same seeded
 iterator, keeps only its own rows (:meth:`DataParallel.local_rows`, a pure function of the mesh)
 and assembles the global array with ``jax.make_array_from_process_local_data`` — no process
-ships data to another. Only :attr:`DataParallel.is_main` (process 0) should write logs, metrics
-and figures; orbax's ``CheckpointManager`` must be called on *every* process (it synchronises them
-and lets only its primary host, process 0, write host-side numpy arrays).
-
-Usage in a training script (what ``train/classify.py`` does; an autoencoder trainer needs the
-same lines)::
-
-    # entry point: flags, then initialise before anything touches JAX
-    parallel.add_distributed_flags(parser); args = parser.parse_args()
-    parallel.initialize_from_args(args)
-    # train_and_evaluate
-    dp = parallel.DataParallel.create(cfg.num_devices)           # None: all devices
-    dp.check_batch(cfg.batch_size, "batch_size")                 # clear error if indivisible
-    check_run_config(..., write=dp.is_main)
-    train_step = dp.jit(train_step, batch_argnums=(2, 3))        # (params, opt_state, images, labels)
-    params, opt_state = dp.replicate((params, opt_state))        # also after a checkpoint restore
-    metrics = MetricsWriter(path, enabled=dp.is_main)
-    ... train_step(params, opt_state, *dp.shard_batch(batch.images, batch.labels))  # global numpy in
-    # eval: BatchIterator(..., dp.round_up(eval_batch), drop_remainder=False) and masked sums
-    # checkpoints: call Checkpointer.save/restore on every process; reports/figures only if dp.is_main
+ships data to another. Only :attr:`DataParallel.is_main` (process 0) writes logs, metrics,
+checkpoints and figures; every process reads the checkpoint on resume. :mod:`train.engine` is the
+one user of this module (every training script runs through it).
 """
 
 from __future__ import annotations
@@ -81,15 +64,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
     for key, value in given.items():
-        if value is None and environ.get(ENV[key]):
-            raw = environ[ENV[key]]
-            if key == "coordinator_address":
-                given[key] = raw
-            else:
-                try:
-                    given[key] = int(raw)
-                except ValueError:
-                    raise ValueError(f"environment variable {ENV[key]}={raw!r} is not an integer") from None
+        if value is None and (raw := environ.get(ENV[key])):
+            try:
+                given[key] = raw if key == "coordinator_address" else int(raw)
+            except ValueError:
+                raise ValueError(f"environment variable {ENV[key]}={raw!r} is not an integer") from None
     if all(v is None for v in given.values()) or given["num_processes"] == 1:
         return False
     missing = [k for k, v in given.items() if v is None]
@@ -132,10 +111,7 @@ def select_devices(num_devices: int | None = None) -> list:
             raise ValueError(f"num_devices={num_devices} is not a multiple of the process count "
                              f"{nproc}: every process must hold the same number of mesh devices")
         per = num_devices // nproc
-        chosen = []
-        for p in range(nproc):
-            local = [d for d in devices if d.process_index == p]
-            chosen.extend(local[:per])
+        chosen = [d for p in range(nproc) for d in [d for d in devices if d.process_index == p][:per]]
     return sorted(chosen, key=lambda d: (d.process_index, d.id))
 
 

@@ -1,57 +1,43 @@
 """Toy flows of the paper's section 5.1: reflection ``x ↦ -x`` and concentric annuli.
 
-Trains NODE, ANODE, N-CODE open loop and N-CODE closed loop on both problems, prints a results
-table and writes to the work directory:
+    python -m train.toy --workdir runs/toy [--problem annuli] [--model open] [--set steps=100 ...]
 
-* ``metrics.jsonl`` — one line per logged step (problem, model, step, loss, metric, nfe, time);
-* ``summary.json`` and ``results.md`` — final held-out numbers per (problem, model);
-* ``reflection_trajectories.png`` (fig. 3), ``annuli_flows.png`` (figs. 1, 4 left),
-  ``training_curves.png`` (fig. 4 right);
-* ``checkpoints/`` — one per (problem, model), written every ``--checkpoint-every`` steps;
-  re-running the same command resumes from them (finished runs are not retrained).
-
-Command (the README's main job; about 3 minutes on 2 CPU cores)::
-
-    python -m train.toy --workdir runs/toy
+Trains NODE, ANODE, N-CODE open and closed loop on both problems (full batch; about 3.5 minutes on
+2 CPU cores) on :mod:`train.engine`: one run per ``<problem>_<model>/`` (re-running resumes), and
+in the work directory ``summary.json``, ``results.md``, ``<problem>_<model>_eval.npz`` and the
+figures ``reflection_trajectories.png`` (fig. 3), ``annuli_flows.png`` (figs. 1, 4 left) and
+``training_curves.png`` (fig. 4 right).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import ncode_jax as nc
 from ncode_jax.data import toy as toy_data
 from ncode_jax.models import FlowClassifier
-from ncode_jax.solve import ADJOINTS
-from ncode_jax.solvers import SOLVERS
 
-from .checkpoint import Checkpointer, check_run_config
-from .config import check_choice, check_dt, check_range
-from .utils import MetricsWriter, read_jsonl
+from . import engine
+from .config import Config, SolveConfig, check_choice, check_range
 
 PROBLEMS = ("reflection", "annuli")
 MODELS = ("node", "anode", "open", "closed")
-# Settings that may change between a run and its resume: training then continues to the new
-# ``steps``; everything else must match the checkpoint.
-RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
 @dataclass(frozen=True)
-class ToyConfig:
-    """Everything one (problem, model) run depends on. Checkpoints record it."""
+class ToyConfig(Config):
+    """Everything one (problem, model) run depends on."""
+
+    RESUMABLE = ("steps", "log_every", "checkpoint_every", "num_devices", "figures")
 
     problem: str = "reflection"
     model: str = "open"
@@ -63,243 +49,144 @@ class ToyConfig:
     augment: int = 1  # extra zero dimensions for ANODE
     n_train: int = 512
     n_test: int = 1024
-    t1: float = 1.0
-    solver: str = "tsit5"
-    dt: float | None = None
-    rtol: float = 1e-3
-    atol: float = 1e-6
-    adjoint: str = "checkpoint"
+    solve: SolveConfig = SolveConfig(solver="tsit5", rtol=1e-3, atol=1e-6)
     log_every: int = 10
     checkpoint_every: int = 50
+    num_devices: int | None = None
+    figures: bool = True
 
     def __post_init__(self):
         check_choice("problem", self.problem, PROBLEMS)
         check_choice("model", self.model, MODELS)
-        check_choice("solver", self.solver, SOLVERS)
-        check_choice("adjoint", self.adjoint, ADJOINTS)
         check_range(self, ("steps", "hidden", "control_hidden", "n_train", "n_test", "log_every",
-                           "checkpoint_every", "augment"), minimum=1)  # ANODE needs augment >= 1
-        check_range(self, ("lr", "t1"), minimum=0, strict=True)
-        check_dt(self.dt, self.t1)
+                           "checkpoint_every", "augment", "num_devices"), minimum=1)
+        check_range(self, ("lr",), minimum=0, strict=True)
+        check_range(self, ("seed",), minimum=0)
 
     @property
-    def solve_options(self) -> dict:
-        return dict(t1=self.t1, solver=self.solver, dt=self.dt, rtol=self.rtol, atol=self.atol,
-                    adjoint=self.adjoint)
+    def batch_size(self) -> int:
+        return self.n_train
 
 
-class ToyTask:
-    """Model, data, loss and metric of one (problem, model) pair."""
+class Task(engine.Task):
+    """MSE to ``-x`` (reflection) or cross-entropy of a linear read-out (annuli), full batch."""
+
+    name, config_class = "toy", ToyConfig
 
     def __init__(self, cfg: ToyConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         dim = 1 if cfg.problem == "reflection" else 2
         aug = cfg.augment if cfg.model == "anode" else 0
-        kind = "anode" if cfg.model == "anode" else cfg.model
-        field = nc.MLPField(dim + aug, cfg.hidden)
         hidden = (cfg.control_hidden,)
-        self.flow = nc.NCODE.build(kind, field, (dim,), augment=aug, hidden=hidden,
-                                   feedback_hidden=hidden)
-        self.classifier = FlowClassifier(self.flow, 2) if cfg.problem == "annuli" else None
+        self.flow = nc.NCODE.build(cfg.model, nc.MLPField(dim + aug, cfg.hidden), (dim,), augment=aug,
+                                   hidden=hidden, feedback_hidden=hidden)
+        self.model = FlowClassifier(self.flow, 2) if cfg.problem == "annuli" else self.flow
         k_train, k_test = jax.random.split(jax.random.key(cfg.seed + 1000))
         make = toy_data.reflection if cfg.problem == "reflection" else toy_data.annuli
-        self.train = make(k_train, cfg.n_train)
-        self.test = make(k_test, cfg.n_test)
-        self.metric_name = "mse" if cfg.problem == "reflection" else "accuracy"
+        (x, y), (xt, yt) = make(k_train, cfg.n_train), make(k_test, cfg.n_test)
+        if cfg.problem == "reflection":  # the target is -x: keep labels 1-D as batches expect
+            y, yt = y[:, 0], yt[:, 0]
+        self.train = SimpleNamespace(images=np.asarray(x), labels=np.asarray(y))
+        self.test = SimpleNamespace(images=np.asarray(xt), labels=np.asarray(yt))
+        self.metric = "mse" if cfg.problem == "reflection" else "accuracy"
+
+    steps_per_epoch, eval_every = 1, 0  # one full batch per step; evaluate at the end
+
+    @property
+    def total_steps(self):
+        return self.config.steps
+
+    def batches(self):
+        return engine.BatchIterator(self.train, self.config.n_train, seed=0, shuffle=False)
 
     def init(self, key):
-        return (self.classifier or self.flow).init(key)
+        return self.model.init(key), {}
 
-    def predict(self, params, x, **extra):
-        """Outputs (x(T) for reflection, logits for annuli) and the solution."""
-        opts = {**self.cfg.solve_options, **extra}
-        if self.classifier is None:
+    def predict(self, params, x, **extra):  # (x(T) for reflection, logits for annuli), solution
+        opts = {**self.config.solve.kwargs(), **extra}
+        if self.config.problem == "reflection":
             sol = self.flow(params, x, **opts)
             return sol.x, sol
-        return self.classifier(params, x, **opts)
+        return self.model(params, x, **opts)
 
-    def loss_and_metric(self, params, x, y):
+    def _per_sample(self, params, x, y):
         out, sol = self.predict(params, x)
-        if self.classifier is None:
-            mse = jnp.mean((out - y) ** 2)
-            return mse, (mse, sol.stats["nfe"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
-        acc = jnp.mean(jnp.argmax(out, -1) == y)
-        return loss, (acc, sol.stats["nfe"])
+        if self.config.problem == "reflection":
+            err = jnp.mean((out - y[:, None]) ** 2, axis=-1)
+            return err, err, sol.stats["nfe"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(out, y)
+        return loss, (jnp.argmax(out, -1) == y).astype(jnp.float32), sol.stats["nfe"]
+
+    def loss(self, params, extra, batch, key):
+        loss, metric, nfe = self._per_sample(params, *batch)
+        return loss.mean(), ({self.metric: metric.mean(), "nfe": nfe}, extra)
+
+    def eval_sums(self, params, extra, x, y, mask):
+        loss, metric, nfe = self._per_sample(params, x, y)
+        return {"test_loss": jnp.sum(loss * mask), f"test_{self.metric}": jnp.sum(metric * mask),
+                "test_nfe": nfe}
+
+    def row(self):
+        return {"problem": self.config.problem, "model": self.config.model}
 
 
-def _run_name(cfg: ToyConfig) -> str:
-    return f"{cfg.problem}_{cfg.model}"
-
-
-def train_one(cfg: ToyConfig, workdir: Path, *, progress: bool = True) -> dict:
-    """Train one (problem, model) pair, resuming from its checkpoint; returns its summary."""
-    task = ToyTask(cfg)
-    name = _run_name(cfg)
-    check_run_config(workdir / "checkpoints" / f"{name}.config.json", dataclasses.asdict(cfg),
-                     ignore=RESUMABLE_CHANGES)
-    ckpt = Checkpointer(workdir / "checkpoints" / name)
-    metrics = MetricsWriter(workdir / "metrics.jsonl")
-    opt = optax.adam(cfg.lr)
-
-    params = task.init(jax.random.key(cfg.seed))
-    state = {"params": params, "opt_state": opt.init(params), "step": np.asarray(0),
-             "train_time": np.asarray(0.0)}
-    restored = ckpt.restore(state)
-    state = state if restored is None else restored
-    start = int(state["step"])
-    _drop_metrics_after(workdir / "metrics.jsonl", name, start)
-
-    @jax.jit
-    def train_step(params, opt_state):
-        (loss, (metric, nfe)), grads = jax.value_and_grad(task.loss_and_metric, has_aux=True)(
-            params, *task.train
-        )
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, metric, nfe
-
-    params, opt_state = state["params"], state["opt_state"]
-    train_time = float(state["train_time"])
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{name:18s}",
-               disable=not progress, leave=True, file=sys.stderr, dynamic_ncols=True)
-    t_last = time.perf_counter()
-    for step in bar:
-        params, opt_state, loss, metric, nfe = train_step(params, opt_state)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            loss, metric, nfe = float(loss), float(metric), int(nfe)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"{name}: training loss became {loss} at step {done}")
-            now = time.perf_counter()
-            train_time += now - t_last
-            t_last = now
-            bar.set_postfix(loss=f"{loss:.4g}", **{task.metric_name: f"{metric:.4g}"}, nfe=nfe)
-            metrics.write(problem=cfg.problem, model=cfg.model, step=done, loss=loss,
-                          **{f"train_{task.metric_name}": metric}, nfe=nfe,
-                          train_time=round(train_time, 3))
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            ckpt.save(done, {"params": params, "opt_state": opt_state, "step": np.asarray(done),
-                             "train_time": np.asarray(train_time)})
-    bar.close()
-    ckpt.close()
-
-    eval_fn = jax.jit(task.loss_and_metric)
-    test_loss, (test_metric, test_nfe) = eval_fn(params, *task.test)
-    summary = {
-        "problem": cfg.problem, "model": cfg.model, "steps": max(start, cfg.steps),
-        "test_loss": float(test_loss), f"test_{task.metric_name}": float(test_metric),
-        "nfe": int(test_nfe), "train_time_s": round(train_time, 2),
-        "solver": cfg.solver, "adjoint": cfg.adjoint,
-    }
-    np.savez(workdir / f"{name}_eval.npz", **_evaluation_arrays(task, params))
-    return summary
-
-
-def _evaluation_arrays(task: ToyTask, params) -> dict[str, np.ndarray]:
+def _evaluation_arrays(task: Task, params) -> dict[str, np.ndarray]:
     """Trajectories and decision maps used by the figures."""
-    ts = jnp.linspace(0.0, task.cfg.t1, 41)
-    if task.cfg.problem == "reflection":
+    ts = jnp.linspace(0.0, task.config.solve.t1, 41)
+    if task.config.problem == "reflection":
         x0 = jnp.linspace(-1.0, 1.0, 41)[:, None]
         _, sol = task.predict(params, x0, ts=ts)
         return {"ts": np.asarray(ts), "x0": np.asarray(x0), "xs": np.asarray(sol.x)}
-    x0, y = task.test[0][:300], task.test[1][:300]
+    x0, y = task.test.images[:300], task.test.labels[:300]
     _, sol = task.predict(params, x0, ts=ts)
     g = jnp.linspace(-2.0, 2.0, 101)
-    grid = jnp.stack(jnp.meshgrid(g, g), -1).reshape(-1, 2)
-    logits, _ = task.predict(params, grid)
+    logits, _ = task.predict(params, jnp.stack(jnp.meshgrid(g, g), -1).reshape(-1, 2))
     prob = jax.nn.softmax(logits, -1)[:, 1].reshape(101, 101)
     return {"ts": np.asarray(ts), "x0": np.asarray(x0), "y": np.asarray(y),
             "xs": np.asarray(sol.x), "grid": np.asarray(g), "prob": np.asarray(prob)}
 
 
-def _drop_metrics_after(path: Path, name: str, step: int) -> None:
-    """On resume, forget metric lines of this run logged after the checkpoint we resume from."""
-    rows = read_jsonl(path)
-    keep = [r for r in rows if f"{r.get('problem')}_{r.get('model')}" != name or r["step"] <= step]
-    if len(keep) != len(rows):
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-
 def results_table(summaries: list[dict]) -> str:
-    lines = ["| problem | model | held-out metric | NFE (forward) | train time (s, incl. compile) "
-             "| steps |",
-             "|---|---|---|---|---|---|"]
-    for s in summaries:
-        metric = (f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
-                  else f"accuracy {100 * s['test_accuracy']:.1f}%")
-        lines.append(f"| {s['problem']} | {LABELS[s['model']]} | {metric} | {s['nfe']} | "
-                     f"{s['train_time_s']:.1f} | {s['steps']} |")
-    return "\n".join(lines)
+    header = ["problem", "model", "held-out metric", "NFE (forward)", "train time (s, with compile)", "steps"]
+    return engine.markdown_table(header, [
+        [s["problem"], LABELS[s["model"]], f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
+         else f"accuracy {100 * s['test_accuracy']:.1f}%", f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.1f}",
+         s["steps"]] for s in summaries])
 
 
-def train_and_evaluate(configs: list[ToyConfig], workdir: str | Path, *, progress: bool = True,
-                       figures: bool = True) -> list[dict]:
-    """Train every config (resuming), write summary.json, results.md and the figures."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    summaries = [train_one(cfg, workdir, progress=progress) for cfg in configs]
-    (workdir / "summary.json").write_text(json.dumps(summaries, indent=2))
-    table = results_table(summaries)
-    (workdir / "results.md").write_text(table + "\n")
-    if figures:
+def _name(task: Task) -> str:
+    return f"{task.config.problem}_{task.config.model}"
+
+
+def train_one(cfg: ToyConfig, workdir: str | Path, *, progress: bool = True) -> dict:  # one run, resumed
+    task = engine.make_task(Task, cfg)
+    return engine.train_and_evaluate(task, Path(workdir) / _name(task), progress=progress)
+
+
+def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
+    for task in tasks:
+        np.savez(workdir / f"{_name(task)}_eval.npz", **_evaluation_arrays(task, task.trained[0]))
+    if tasks and all(t.config.figures for t in tasks):
         from .toy_figures import make_figures
 
-        make_figures(workdir, [(s["problem"], s["model"]) for s in summaries])
+        make_figures(workdir, [(t.config.problem, t.config.model) for t in tasks])
+
+
+def train_and_evaluate(configs: list[ToyConfig], workdir: str | Path, *, progress: bool = True) -> list[dict]:
+    tasks = [engine.make_task(Task, c) for c in configs]
+    summaries = engine.run_all(tasks, workdir, subdir=_name, progress=progress)
+    engine._write_json(Path(workdir) / "summary.json", summaries)
+    (Path(workdir) / "results.md").write_text(results_table(summaries) + "\n")
+    report(Path(workdir), tasks, summaries)
     return summaries
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    d = ToyConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", default="runs/toy")
-    p.add_argument("--problem", choices=(*PROBLEMS, "all"), default="all")
-    p.add_argument("--model", choices=(*MODELS, "all"), default="all")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--control-hidden", type=int, default=d.control_hidden)
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--n-test", type=int, default=d.n_test)
-    p.add_argument("--t1", type=float, default=d.t1)
-    p.add_argument("--solver", choices=sorted(SOLVERS), default=d.solver)
-    p.add_argument("--dt", type=float, default=None, help="fixed step size (default: adaptive)")
-    p.add_argument("--rtol", type=float, default=d.rtol)
-    p.add_argument("--atol", type=float, default=d.atol)
-    p.add_argument("--adjoint", choices=ADJOINTS, default=d.adjoint)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--no-figures", action="store_true")
-    return p.parse_args(argv)
-
-
-def configs_from_args(args: argparse.Namespace) -> list[ToyConfig]:
-    problems = PROBLEMS if args.problem == "all" else (args.problem,)
-    models = MODELS if args.model == "all" else (args.model,)
-    common = dict(seed=args.seed, steps=args.steps, lr=args.lr, hidden=args.hidden,
-                  control_hidden=args.control_hidden, n_train=args.n_train, n_test=args.n_test,
-                  t1=args.t1, solver=args.solver, dt=args.dt, rtol=args.rtol, atol=args.atol,
-                  adjoint=args.adjoint, log_every=args.log_every,
-                  checkpoint_every=args.checkpoint_every)
-    return [ToyConfig(problem=p, model=m, **common) for p in problems for m in models]
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        configs = configs_from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summaries = train_and_evaluate(configs, args.workdir, progress=not args.no_progress,
-                                   figures=not args.no_figures)
-    print(results_table(summaries))
-    print(f"\nwrote {args.workdir}/summary.json, metrics.jsonl, results.md"
-          + ("" if args.no_figures else " and figures"))
-    return 0
+    return engine.main(argv, doc=__doc__, task_class=Task, table=results_table, report=report, subdir=_name,
+                       sweep={"problem": PROBLEMS, "model": MODELS},
+                       default_config=str(Path(__file__).parent / "configs" / "toy.py"),
+                       default_workdir="runs/toy")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

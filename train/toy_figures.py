@@ -1,4 +1,4 @@
-"""Figures of the toy experiments, drawn from the ``*_eval.npz`` and ``metrics.jsonl`` files
+"""Figures of the toy experiments, drawn from the ``*_eval.npz`` and ``*/metrics.jsonl`` files
 that :mod:`train.toy` writes (so they can be redrawn without retraining)."""
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .utils import read_jsonl  # noqa: E402
+from .engine import read_metrics  # noqa: E402
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
 
 LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open loop",
           "closed": "N-CODE closed loop"}
@@ -32,11 +40,7 @@ def reflection_trajectories(workdir: Path, models: list[str]) -> Path:
         ax.set_ylim(-1.6, 1.6)
     axes[0, 0].set_ylabel("x(t)  (target x(T) = -x(0))")
     fig.suptitle("Reflection x ↦ -x: trajectories (colour = x(0))", fontsize=11)
-    fig.tight_layout()
-    out = workdir / "reflection_trajectories.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, workdir / "reflection_trajectories.png")
 
 
 def annuli_flows(workdir: Path, models: list[str]) -> Path:
@@ -62,16 +66,13 @@ def annuli_flows(workdir: Path, models: list[str]) -> Path:
             ax.set_xlabel(f"first two of {xs.shape[-1]} state dims", fontsize=8)
     axes[0, 0].set_ylabel("P(annulus) over the input plane")
     axes[1, 0].set_ylabel("flows: coloured x(0) → black x(T)")
-    fig.tight_layout()
-    out = workdir / "annuli_flows.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, workdir / "annuli_flows.png")
 
 
 def training_curves(workdir: Path) -> Path:
     """Fig. 4 right: training loss of every model, one panel per problem."""
-    rows = read_jsonl(workdir / "metrics.jsonl")
+    rows = [r for path in sorted(workdir.glob("*_*/metrics.jsonl")) for r in read_metrics(path)
+            if r.get("kind") == "train"]
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(problems)), figsize=(5 * max(1, len(problems)), 3.5),
                              squeeze=False)
@@ -84,11 +85,7 @@ def training_curves(workdir: Path) -> Path:
         ax.set_title(f"{p}: training loss ({'MSE' if p == 'reflection' else 'cross-entropy'})")
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = workdir / "training_curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, workdir / "training_curves.png")
 
 
 def make_figures(workdir: str | Path, runs: list[tuple[str, str]]) -> list[Path]:

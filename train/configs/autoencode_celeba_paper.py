@@ -19,12 +19,9 @@ outputs (two non-zeros per row, as in sec. 5.3, so that AutoN-CODE and the VAE h
 parameter counts), and the decoder starts from a 16×16 map (see ``ncode_jax.models.coders``).
 """
 
-from train.configs.autoencode_mnist5k_cpu import get_config as _cpu
+from train.configs.autoencode_cifar10_paper import get_config as _cifar10
 
 
 def get_config() -> dict:
-    config = _cpu()
-    config.update(dataset="celeb_a", coders="celeba", likelihood="mse", epochs=40, batch_size=16,
-                  eval_batch_size=250, solver="dopri5", dt=None, rtol=1e-4, atol=1e-6,
-                  checkpoint_every=2000)
-    return config
+    return {**_cifar10(), "dataset": "celeb_a", "coders": "celeba", "epochs": 40, "batch_size": 16,
+            "checkpoint_every": 2000}

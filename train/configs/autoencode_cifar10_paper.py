@@ -1,16 +1,12 @@
 """The paper's CIFAR-10 autoencoders (sec. 5.3, table A.1): conv 256/512/1024 (4×4 kernels, stride
 2, batch norm), latent 128, MSE loss, Adam 1e-3, batch 64, 50 epochs, latent flow on [0, 10].
-
-Needs the tfds ``cifar10`` set prepared (see ``autoencode_mnist_paper.py``).
-
-Commands (a GPU machine)::
+Needs the tfds ``cifar10`` set prepared. Commands (a GPU machine)::
 
     python -m train.autoencode --config train/configs/autoencode_cifar10_paper.py \
         --workdir runs/ae_cifar10 --set model=all
     python -m train.autoencode_eval --workdir runs/ae_cifar10 --inception-weights <file>
 
-Paper (figure 9): Inception FID of AutoN-CODE samples on CIFAR-10 down to 24.19 (the text lost
-the table's row labels; see the README).
+Paper (figure 9): Inception FID of AutoN-CODE samples on CIFAR-10 down to 24.19.
 """
 
 from train.configs.autoencode_mnist5k_cpu import get_config as _cpu

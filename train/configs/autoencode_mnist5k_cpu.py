@@ -18,30 +18,8 @@ mixture fits (GMM-10/100/1000 per model).
 
 
 def get_config() -> dict:
-    return dict(
-        dataset="mnist5k",
-        model="ncode",
-        coders="mnist",
-        latent_dim=None,
-        widths=None,
-        kernel=None,
-        likelihood="bernoulli",
-        epochs=30,
-        batch_size=64,
-        eval_batch_size=500,
-        lr=1e-3,
-        t1=10.0,
-        solver="rk4",
-        dt=0.5,
-        rtol=1e-4,
-        atol=1e-6,
-        adjoint="checkpoint",
-        control_scale=0.1,
-        seed=0,
-        data_dir=None,
-        train_split="train",
-        test_split="test",
-        train_examples=None,
-        log_every=20,
-        checkpoint_every=200,
-    )
+    return dict(dataset="mnist5k", model="ncode", coders="mnist", latent_dim=None, widths=None, kernel=None,
+                likelihood="bernoulli", epochs=30, batch_size=64, eval_batch_size=500, lr=1e-3,
+                t1=10.0, solver="rk4", dt=0.5, rtol=1e-4, atol=1e-6, adjoint="checkpoint",
+                control_scale=0.1, seed=0, data_dir=None, train_split="train", test_split="test",
+                train_examples=None, log_every=20, checkpoint_every=200)

@@ -1,18 +1,13 @@
 """The paper's MNIST autoencoders (sec. 5.3, table A.1): MLP 400, latent 25, Bernoulli likelihood,
-Adam 1e-3, batch 64, 50 epochs, latent flow on [0, 10] with an adaptive solver.
-
-Needs the tfds ``mnist`` set prepared (``pip install -e ".[tfds]"``, then on a machine with network
-``python -c "import tensorflow_datasets as tfds; tfds.builder('mnist').download_and_prepare()"``).
-
-Commands (a GPU machine; also feasible on a CPU, the coders are small)::
+Adam 1e-3, batch 64, 50 epochs, latent flow on [0, 10] with adaptive dopri5. Needs the tfds
+``mnist`` set prepared (see ``mnist_paper.py``). Commands (GPU, or CPU: the coders are small)::
 
     python -m train.autoencode --config train/configs/autoencode_mnist_paper.py \
         --workdir runs/ae_mnist --set model=all
     python -m train.autoencode_eval --workdir runs/ae_mnist
 
-Deviation: the paper halves the learning rate when the loss plateaus; here it is constant.
-The paper's FID numbers are Inception FIDs (figure 9); the evaluation here reports a
-digit-feature FID, which is not comparable to them.
+Deviation: constant learning rate (the paper halves it on plateaus). The evaluation's
+digit-feature FID is not comparable to the paper's Inception FIDs (figure 9).
 """
 
 from train.configs.autoencode_mnist5k_cpu import get_config as _cpu

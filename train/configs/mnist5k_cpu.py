@@ -18,30 +18,8 @@ models). ``--set model=all`` runs NODE, ANODE, N-CODE open and closed under the 
 
 
 def get_config() -> dict:
-    return dict(
-        dataset="mnist5k",
-        model="open",
-        epochs=10,
-        batch_size=32,
-        eval_batch_size=250,
-        lr=3e-3,
-        lr_schedule="cosine",
-        warmup_steps=100,
-        weight_decay=1e-4,
-        random_shift=2,
-        pool=2,
-        hidden=16,
-        augment=10,
-        gamma_hidden=(10,),
-        feedback_hidden=(10,),
-        act="relu",
-        t1=1.0,
-        solver="rk4",
-        dt=0.25,
-        rtol=1e-3,
-        atol=1e-5,
-        adjoint="checkpoint",
-        seed=0,
-        log_every=10,
-        checkpoint_every=50,
-    )
+    return dict(dataset="mnist5k", model="open", epochs=10, batch_size=32, eval_batch_size=250,
+                lr=3e-3, lr_schedule="cosine", warmup_steps=100, weight_decay=1e-4, random_shift=2, pool=2,
+                hidden=16, augment=10, gamma_hidden=(10,), feedback_hidden=(10,), act="relu",
+                t1=1.0, solver="rk4", dt=0.25, rtol=1e-3, atol=1e-5, adjoint="checkpoint",
+                seed=0, log_every=10, checkpoint_every=50)

@@ -1,10 +1,8 @@
-"""The paper's MNIST setting (sec. 5.2): conv block 1×1→3×3→1×1 with 50 channels, state
-augmented by 10 channels, γ a 2-layer MLP with 10 hidden units, adaptive dopri5.
-
-Needs the tfds ``mnist`` set prepared (``pip install -e ".[tfds]"``, then on a machine with
-network ``python -c "import tensorflow_datasets as tfds; tfds.builder('mnist').download_and_prepare()"``).
-
-Command (a GPU machine; hours on a CPU)::
+"""The paper's MNIST setting (sec. 5.2): conv block 1×1→3×3→1×1 with 50 channels, state augmented
+by 10 channels, γ a 2-layer MLP with 10 hidden units, adaptive dopri5; no augmentation, constant
+learning rate, read-out of the whole state. Needs the tfds ``mnist`` set prepared (``pip install -e
+".[tfds]"``; on a machine with network ``tfds.builder('mnist').download_and_prepare()``). Command
+(a GPU machine; hours on a CPU)::
 
     python -m train.classify --config train/configs/mnist_paper.py --workdir runs/mnist --set model=open
 

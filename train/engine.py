@@ -1,0 +1,438 @@
+"""The one run engine under every training script: train state, loop, workdir, CLI.
+
+A task (:class:`Task`) supplies its model, data, loss and evaluation; :func:`train_and_evaluate`
+does the rest for all of them:
+
+* **train state** ``{params, extra (e.g. batch statistics), opt_state, step, data (epoch, index),
+  rng, wall_time}``; step keys ``fold_in(key(seed), step)`` and a data order that is a pure
+  function of ``(seed, epoch)`` make a resumed run bit-identical to an uninterrupted one;
+* **loop** — jitted, data-parallel train step; metrics every ``log_every`` steps; evaluation
+  every ``task.eval_every`` steps and at the end; checkpoints every ``checkpoint_every`` steps and
+  after each evaluation; a progress bar;
+* **workdir** — exclusive lock; ``config.json`` written with the first checkpoint, once config,
+  data and checkpoint were accepted; only keys outside each config's ``RESUMABLE`` compared on
+  resume; verified checkpoints with fallback; ``metrics.jsonl`` append-only, fsynced before the
+  checkpoint that covers its rows (:func:`read_metrics` skips torn lines and replayed rows);
+  ``summary.json`` with ``finished``.
+
+:func:`load_run` rebuilds model, trained parameters and config of any run directory; :func:`main`
+is every script's command line (``--config``, ``--workdir``, ``--set k=v``, ``--<key> value``,
+``--no-progress``, multi-host flags); a :class:`~train.config.UserError` ends it with one
+``error: …`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ncode_jax.data.images import BatchIterator, load_dataset
+
+from . import parallel
+from .checkpoint import Checkpointer, WorkdirLock
+from .config import UserError, build, leaves, load_config_file, parse_overrides, to_dict
+
+#: run-record name -> module defining ``Task`` (for :func:`load_run`)
+TASKS = {"toy": "train.toy", "classify": "train.classify", "autoencode": "train.autoencode",
+         "digit_features": "train.digit_features"}
+
+
+class Task:
+    """What a training task supplies; the engine does everything else.
+
+    Subclasses set ``name`` (a key of :data:`TASKS`), ``config_class`` and, in ``__init__``,
+    ``self.config``, ``self.model``, ``self.train`` and ``self.test`` (datasets with ``images``
+    and ``labels`` arrays), and define :meth:`init`, :meth:`loss` and :meth:`eval_sums`."""
+
+    name: str
+    config_class: type
+
+    def __init__(self, config):
+        self.config = config
+
+    def load(self, dataset: str, splits=("train", "test"), train_examples=None, **kw) -> None:
+        """``self.train``, ``self.test`` from :func:`load_dataset` (the first ``train_examples``)."""
+        self.train, self.test = (load_dataset(dataset, s, data_dir=self.config.data_dir, **kw)
+                                 for s in splits)
+        if train_examples is not None:
+            if train_examples < self.config.batch_size:
+                raise ValueError(f"train_examples={train_examples} is smaller than batch_size")
+            self.train = self.train._replace(images=self.train.images[:train_examples],
+                                             labels=self.train.labels[:train_examples])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train.images.shape[0] // self.config.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between evaluations (0: only at the end)."""
+        return self.steps_per_epoch
+
+    def batches(self) -> BatchIterator:
+        return BatchIterator(self.train, self.config.batch_size, seed=self.config.seed)
+
+    def prepare(self, batch, step: int) -> tuple:  # host arrays: a pure function of batch and step
+        return batch.images, batch.labels
+
+    def optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        return optax.adam(self.config.lr)
+
+    def init(self, key) -> tuple[Any, Any]:  # (trained params, other model state)
+        raise NotImplementedError
+
+    def loss(self, params, extra, batch: tuple, key) -> tuple[jax.Array, tuple[dict, Any]]:
+        """``(loss, (metrics, new extra))`` of one batch (jitted, differentiated in ``params``)."""
+        raise NotImplementedError
+
+    def eval_sums(self, params, extra, images, labels, mask) -> dict:
+        """Sums over the real (``mask``) rows of a held-out batch; ``*nfe`` keys are averaged."""
+        raise NotImplementedError
+
+    def row(self) -> dict:  # fields naming the run in every metrics row and the summary
+        return {"model": self.config.model}
+
+    def variables(self, params, extra) -> Any:  # what a user applies the model to (load_run)
+        return params
+
+    def describe(self, step: int, ev: dict) -> str:
+        return " ".join(map(str, self.row().values())) + f" step {step}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in ev.items())
+
+
+class Run(NamedTuple):
+    """A run directory loaded by :func:`load_run`."""
+
+    model: Any
+    params: Any  # trained parameters (or variables) as the model takes them
+    config: Any
+    step: int
+    finished: bool
+    task: Task
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append JSON lines in one write and fsync; a torn last line (a kill mid-write) is isolated on
+    its own line and skipped by :func:`read_metrics`. The file is never rewritten."""
+    if not rows:
+        return
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            text = text if f.read(1) == b"\n" else "\n" + text
+    with open(path, "ab") as f:
+        f.write(text.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``metrics.jsonl``: torn lines skipped, and for rows of the same kind and step
+    (replayed after a resume) the last one kept, in step order."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.pop((row.get("kind"), row["step"]), None)
+            rows[(row.get("kind"), row["step"])] = row
+    return sorted(rows.values(), key=lambda r: r["step"])
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def _experiment(config) -> dict:
+    skip = set(getattr(config, "RESUMABLE", ()))
+    return {k: v for k, v in to_dict(config).items() if k not in skip}
+
+
+def check_recorded_config(workdir: Path, task: Task) -> None:
+    """Raise :class:`UserError` if ``workdir`` holds a run of another experiment."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        old = build(task.config_class, saved["config"]) if saved.get("task") == task.name else None
+    except (ValueError, KeyError, UserError):
+        old = None
+    if old is None:
+        raise UserError(f"{workdir} holds a run this version cannot read or of another task ({path}); "
+                        "use another workdir")
+    a, b = _experiment(old), _experiment(task.config)
+    if a != b:
+        diff = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a) if a.get(k) != b.get(k))
+        raise UserError(f"{workdir} holds a run with a different configuration ({diff}); use another "
+                        "workdir, or delete that directory to start over")
+
+
+def _template(task: Task, optimizer) -> dict:
+    key = jax.random.key(task.config.seed)
+    params, extra = task.init(key)
+    return {"params": params, "extra": extra, "opt_state": optimizer.init(params),
+            "step": np.asarray(0), "data": {"epoch": np.asarray(0), "index": np.asarray(0)},
+            "rng": np.asarray(jax.random.key_data(key)), "wall_time": np.asarray(0.0)}
+
+
+def train_and_evaluate(task: Task, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Train ``task`` in ``workdir`` (resuming from its checkpoint), evaluate, return the summary."""
+    workdir = Path(workdir)
+    dp = parallel.DataParallel.create(getattr(task.config, "num_devices", None))
+    try:
+        dp.check_batch(task.config.batch_size, "batch_size")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    lock = WorkdirLock(workdir) if dp.is_main else None
+    try:
+        return _run(task, workdir, dp, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -> dict:
+    t_start = time.perf_counter()
+    cfg = task.config
+    check_recorded_config(workdir, task)
+    total = task.total_steps
+    optimizer = task.optimizer(total)
+    ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main)
+    state = ckpt.restore(template := _template(task, optimizer)) or template
+    step, prior_wall = int(state["step"]), float(state["wall_time"])
+    it = task.batches()
+    it.restore({"epoch": int(state["data"]["epoch"]), "index": int(state["data"]["index"])})
+    params, extra, opt_state = dp.replicate((state["params"], state["extra"], state["opt_state"]))
+    rng = jax.random.wrap_key_data(np.asarray(state["rng"]))
+
+    train_step = dp.jit(make_step(task, optimizer, rng), batch_argnums=(4,))
+    eval_step = dp.jit(lambda p, e, batch: task.eval_sums(p, e, *batch), batch_argnums=(2,))
+    metrics_path, pending, last_eval = workdir / "metrics.jsonl", [], None
+
+    def wall() -> float:
+        return round(prior_wall + time.perf_counter() - t_start, 2)
+
+    def save() -> None:  # config.json first: a run that fails before its first save records nothing
+        nonlocal pending
+        if dp.is_main:
+            _write_json(workdir / "config.json", {"task": task.name, "config": to_dict(cfg)})
+            append_rows(metrics_path, pending)
+        pending = []
+        st = it.state()
+        ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
+                         "data": {"epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"])},
+                         "rng": state["rng"], "wall_time": np.asarray(wall())})
+
+    bar = tqdm(total=total, initial=min(step, total), disable=not (progress and dp.is_main),
+               desc=" ".join(map(str, task.row().values())), file=sys.stderr, dynamic_ncols=True)
+    while step < total:
+        batch = dp.shard_batch(*task.prepare(next(it), step))
+        params, extra, opt_state, loss, metrics = train_step(params, extra, opt_state, step, batch)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            loss, metrics = float(loss), {k: float(v) for k, v in metrics.items()}
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"{workdir}: the training loss became {loss} at step {step}")
+            bar.set_postfix(loss=f"{loss:.4g}")
+            pending.append({**task.row(), "kind": "train", "step": step,
+                            "epoch": step / task.steps_per_epoch, "loss": loss, **metrics,
+                            "wall_time": wall()})
+        is_eval = step == total or (task.eval_every and step % task.eval_every == 0)
+        if is_eval:
+            last_eval = evaluate(task, eval_step, params, extra, dp)
+            pending.append({**task.row(), "kind": "eval", "step": step,
+                            "epoch": step // task.steps_per_epoch, **last_eval, "wall_time": wall()})
+            if dp.is_main and progress:
+                bar.write(task.describe(step, last_eval))
+        if is_eval or step % cfg.checkpoint_every == 0:
+            save()
+    bar.close()
+    if last_eval is None:  # a finished run resumed: evaluate its final parameters once more
+        last_eval = evaluate(task, eval_step, params, extra, dp)
+    summary = {**task.row(), "steps": step, "finished": step >= total, **last_eval, "wall_time_s": wall(),
+               "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+               "train_examples": int(task.train.images.shape[0]),
+               "test_examples": int(task.test.images.shape[0]),
+               "num_devices": dp.num_devices, "num_processes": dp.num_processes}
+    if dp.is_main:
+        _write_json(workdir / "summary.json", summary)
+    task.trained = (params, extra)  # for reports drawn right after training (figures)
+    return summary
+
+
+def make_step(task: Task, optimizer, rng):
+    """The train step ``(params, extra, opt_state, step, batch) -> (params, extra, opt_state, loss,
+    metrics)`` (not jitted) with the step's key ``fold_in(rng, step)``."""
+
+    def step_fn(params, extra, opt_state, step, batch):
+        grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+        (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, jax.random.fold_in(rng, step))
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), extra, opt_state, loss, metrics
+
+    return step_fn
+
+
+def evaluate(task: Task, eval_step, params, extra, dp: parallel.DataParallel) -> dict:
+    """:meth:`Task.eval_sums` over the whole held-out set in padded, masked batches (padded up to a
+    multiple of the device count), divided by the number of examples."""
+    n = task.test.images.shape[0]
+    size = dp.round_up(min(getattr(task.config, "eval_batch_size", n), n))
+    totals, nfes, count = {}, {}, 0
+    for b in BatchIterator(task.test, size, seed=0, shuffle=False, drop_remainder=False, num_epochs=1):
+        out = eval_step(params, extra, dp.shard_batch(b.images, b.labels, b.mask))
+        for k, v in out.items():
+            (nfes if k.endswith("nfe") else totals).setdefault(k, []).append(float(v))
+        count += int(b.mask.sum())
+    means = {k: float(np.mean(v)) for k, v in nfes.items()}
+    return {**{k: sum(v) / count for k, v in totals.items()}, **means}
+
+
+def run_all(tasks: list[Task], workdir: str | os.PathLike, *, subdir, progress: bool = True) -> list[dict]:
+    """Train each task in ``workdir / subdir(task)`` under a lock on ``workdir`` itself."""
+    workdir = Path(workdir)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        return [train_and_evaluate(t, workdir / subdir(t), progress=progress) for t in tasks]
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def load_run(workdir: str | os.PathLike, **overrides) -> Run:
+    """The model, trained parameters and config of a run directory of any training script.
+
+    ``overrides`` replace config values (as ``--set`` would); a checkpoint that does not fit the
+    rebuilt model raises :class:`~train.checkpoint.CheckpointError`. ``Run.finished`` is False for
+    a run stopped before its last step (readers must refuse or label it)."""
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} holds no run (no config.json)")
+    record = json.loads(path.read_text())
+    if record.get("task") not in TASKS:
+        raise UserError(f"{path}: not written by a training script of this version")
+    task_cls = importlib.import_module(TASKS[record["task"]]).Task
+    task = task_cls(build(task_cls.config_class, record["config"], overrides))
+    optimizer = task.optimizer(task.total_steps)
+    state = Checkpointer(workdir / "checkpoints", write=False).restore(_template(task, optimizer))
+    if state is None:
+        raise UserError(f"{workdir} holds no checkpoint")
+    step = int(state["step"])
+    return Run(task.model, task.variables(state["params"], state["extra"]), task.config, step,
+               step >= task.total_steps, task)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv, *, doc: str, config_class, default_config: str | None = None,
+               default_workdir: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--config", default=default_config, required=default_config is None,
+                   help="a train/configs/*.py file")
+    p.add_argument("--workdir", default=default_workdir, required=default_workdir is None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value (repeatable); model may be a comma list or 'all'")
+    p.add_argument("--no-progress", action="store_true")
+    parallel.add_distributed_flags(p)
+    g = p.add_argument_group("config keys (each the same as --set KEY=VALUE)")
+    for key in leaves(config_class):
+        if "." not in key and f"--{key.replace('_', '-')}" not in p._option_string_actions:
+            g.add_argument(f"--{key.replace('_', '-')}", dest="overrides", metavar="VALUE",
+                           action=_Override, key=key)
+    return p.parse_args(argv)
+
+
+class _Override(argparse.Action):
+    def __init__(self, *args, key: str, **kwargs):
+        self.key = key
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.overrides = [*namespace.overrides, f"{self.key}={value}"]
+
+
+def expand(raw: dict, sweep: dict[str, tuple]) -> list[dict]:
+    """One raw config per combination of the ``sweep`` keys given as ``all`` or ``a,b``."""
+    out = [raw]
+    for key, choices in sweep.items():
+        value = raw.get(key)
+        if not isinstance(value, str) or ("," not in value and value != "all"):
+            continue
+        values = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+        out = [{**r, key: v} for r in out for v in values]
+    return out
+
+
+def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None, **defaults) -> int:
+    """The command line of a training script: parse, validate, train every config, then write
+    ``summary.json`` and ``results.md`` (``table(summaries)``), print the table, ``report``."""
+    args = parse_args(argv, doc=doc, config_class=task_class.config_class, **defaults)
+    try:
+        parallel.initialize_from_args(args)  # before anything else starts JAX's backend
+        raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
+        configs = [build(task_class.config_class, r) for r in expand(raw, sweep)]
+        tasks = [make_task(task_class, c) for c in configs]
+        summaries = run_all(tasks, args.workdir, subdir=subdir, progress=not args.no_progress)
+        if jax.process_index() == 0:
+            _write_json(Path(args.workdir) / "summary.json", summaries)
+            (Path(args.workdir) / "results.md").write_text(table(summaries) + "\n")
+            if report is not None:
+                report(Path(args.workdir), tasks, summaries)
+            print(table(summaries) + f"\n\nwrote {args.workdir}/summary.json, results.md and the runs")
+    except (UserError, ValueError) as e:
+        return error(e, 2)
+    except FloatingPointError as e:
+        return error(e, 1)
+    return 0
+
+
+def error(e: BaseException, code: int) -> int:
+    """Print ``e`` as one ``error: …`` line on stderr; returns ``code``."""
+    print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+    return code
+
+
+def make_task(task_class, config) -> Task:
+    """``task_class(config)`` with data and model errors (unknown split, set not prepared, ...)
+    reported as :class:`UserError`."""
+    try:
+        return task_class(config)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise UserError(str(e)) from None
