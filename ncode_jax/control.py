@@ -11,6 +11,7 @@ Each controller is a frozen, hashable description with ``init(key) -> params`` a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -87,7 +88,7 @@ class Hypernetwork:
         }
 
     def __call__(self, params, x0: Array) -> Float[Array, "B P"]:
-        flat = x0.reshape(x0.shape[0], -1)
+        flat = x0.reshape(x0.shape[0], math.prod(x0.shape[1:]))
         if flat.shape[1] != self.in_size:
             raise ValueError(
                 f"Hypernetwork expects inputs with {self.in_size} entries per sample, got "

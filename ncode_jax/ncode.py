@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from .control import Feedback, Hypernetwork, StaticInit, augment
@@ -130,17 +131,23 @@ class NCODE:
           ValueError: ``x0`` not batched or of the wrong sample shape, ``params`` without the
             parts this model needs, and everything :func:`~ncode_jax.solve.solve` raises.
         """
+        x0 = jnp.asarray(x0) if isinstance(x0, (list, tuple, np.ndarray)) else x0
+        if not isinstance(x0, jax.Array):
+            raise TypeError(f"x0 must be an array of shape (batch, *data_shape), got {type(x0).__name__}")
         if x0.ndim < 2:
             raise ValueError(f"x0 must be batched, shape (batch, *data_shape); got {tuple(x0.shape)}")
+        if x0.shape[0] == 0:
+            raise ValueError(f"x0 has an empty batch (shape {tuple(x0.shape)}): pass at least one sample")
         self.check_data_shape(tuple(x0.shape[1:]))
         theta0 = self.initial_theta(params, x0)
         solve_params = {"feedback": params.get("feedback"), "cost": cost_args}
         return solve(self.dynamics, augment(x0, self.augment), theta0, solve_params, **solve_options)
 
-    def inverse(self, params: dict, x_t1: Array, theta_t1: Array | None = None, *, t0: float = 0.0,
-                t1: float = 1.0, **solve_options) -> Solution:
+    def inverse(self, params: dict, x_t1: Array, theta_t1: Array | None = None, *, t1: float,
+                t0: float = 0.0, **solve_options) -> Solution:
         """Integrate the flow backwards from ``t1`` to ``t0``: recover ``x(t0)`` from ``x(t1)``.
 
+        ``t1`` (required) must be the end time of the forward solve (e.g. ``float(sol.ts[-1])``).
         The flow of an ODE is invertible; N-CODE's is too once the weights at ``t1`` are known,
         since ``(x, θ)`` together follow one ODE. Pass ``x_t1`` (``(B, *state_shape)``, the
         *augmented* state, e.g. ``sol.x``) and ``theta_t1``: ``sol.theta`` for ``open``,

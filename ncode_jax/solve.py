@@ -126,6 +126,9 @@ def check_options(
         if not (math.isfinite(dt) and dt > 0):
             raise ValueError(f"dt must be a positive finite number, got dt={dt!r}")
     for name, tol in (("rtol", rtol), ("atol", atol)):
+        if not (_is_concrete(tol) or isinstance(tol, jax.Array)) or not jnp.issubdtype(
+                jnp.result_type(tol), jnp.number) or isinstance(tol, bool):
+            raise TypeError(f"{name} must be a real number, got {type(tol).__name__} {tol!r}")
         if _is_concrete(tol):
             v = np.asarray(tol)
             if v.ndim != 0 or not np.isfinite(v) or v < 0:
@@ -369,8 +372,8 @@ def _ad_modes(tree) -> tuple[bool, int]:
     return forward, reverse
 
 
-def _check_derivatives(adjoint: str, check_grads: bool, *inputs) -> None:
-    forward, reverse = _ad_modes(inputs)
+def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> None:
+    forward, reverse = _ad_modes((inputs, times))
     if forward and check_grads:
         raise TypeError("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
                         "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
@@ -382,11 +385,25 @@ def _check_derivatives(adjoint: str, check_grads: bool, *inputs) -> None:
             "(jax.grad, jax.vjp, jax.jacrev); forward mode (jax.jvp, jax.jacfwd, jax.hessian, "
             "jax.linearize of jvp) needs adjoint='direct'"
         )
+    if adjoint == "backsolve" and any(_ad_modes(t) != (False, 0) for t in times):
+        raise TypeError(
+            "ncode_jax.solve: adjoint='backsolve' gives no derivatives with respect to t0, t1 or ts; "
+            "use adjoint='checkpoint' or 'direct' to differentiate the times"
+        )
     if reverse >= 2:
         raise TypeError(
             f"ncode_jax.solve: adjoint={adjoint!r} gives first derivatives only; second-order "
             "reverse mode (jax.grad of jax.grad) needs adjoint='direct'"
         )
+
+
+def _as_array(a, who: str):
+    """Lists and NumPy arrays become JAX arrays; anything else that is not an array is refused."""
+    if isinstance(a, (list, tuple, np.ndarray, np.generic)):
+        return jnp.asarray(a)
+    if not isinstance(a, jax.Array):
+        raise TypeError(f"{who} must be an array, got {type(a).__name__}")
+    return a
 
 
 def _check_dtypes(x0, theta0, feedback) -> None:
@@ -525,6 +542,7 @@ def solve(
                   max_steps=max_steps, checkpoints=checkpoints, seminorm=seminorm, batch=batch)
     info = solver_info(solver)
     field = dynamics.field
+    x0, theta0 = _as_array(x0, "x0"), _as_array(theta0, "theta0")
     field.check_x(x0, "x0")
     if x0.shape[0] == 0:
         raise ValueError(f"x0 has an empty batch (shape {tuple(x0.shape)}): pass at least one sample")
@@ -535,7 +553,7 @@ def solve(
             "model.init(...)['feedback'])"
         )
     _check_dtypes(x0, theta0, params.get("feedback"))
-    _check_derivatives(adjoint, check_grads, x0, theta0, params)
+    _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts))
     _static_times_checks(t0, t1, dt, ts)
     if adjoint == "backsolve" and dt is not None and info.order < 4:
         warnings.warn(
@@ -572,7 +590,8 @@ def solve(
     if throw:
         # Everything the solve reads passes through the checks, so that they run before diffrax's
         # own (data dependence orders them) and the first message names the real cause.
-        tols = (rtol, atol) if dt is None else (None, None)
+        traced_tols = dt is None and not _is_concrete(rtol + atol)
+        tols = (rtol, atol) if traced_tols else (None, None)
         inputs = (x0, theta0, feedback, cost_args, t0, t1, ts, tols)
         checks = [
             (_not_finite(x0), "x0 contains NaN or inf"),
@@ -586,6 +605,9 @@ def solve(
             (~jnp.isfinite(jnp.asarray(rtol)) | (jnp.asarray(rtol) < 0), "rtol must be a finite number >= 0"),
             (~jnp.isfinite(jnp.asarray(atol)) | (jnp.asarray(atol) < 0), "atol must be a finite number >= 0"),
         ]
+        if dt is None:
+            checks.append(((jnp.asarray(rtol) == 0) & (jnp.asarray(atol) == 0),
+                           "rtol and atol are both 0: the adaptive controller could never accept a step"))
         if ts is not None:
             lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
             direction = jnp.sign(t1 - t0)
@@ -596,7 +618,7 @@ def solve(
             ]
         inputs = _guard(inputs, [(pred, f"ncode_jax.solve: {what}") for pred, what in checks])
         x0, theta0, feedback, cost_args, t0, t1, ts, tols = inputs
-        if dt is None:
+        if traced_tols:
             rtol, atol = tols
     if check_grads:
         x0 = _grad_check(x0, f"ncode_jax.solve: the gradient with respect to x0 contains NaN or inf "
@@ -635,30 +657,34 @@ def solve(
         _, nonfinite, t_now, last_dt = sol.controller_state
         t_now = t_now * jnp.sign(t1 - t0)  # the monitor sees diffrax's direction-normalised times
         ok = sol.result == diffrax.RESULTS.successful
-        steps_out = sol.result == diffrax.RESULTS.max_steps_reached
+        bad_ys = _not_finite(ys)
+        # a rejected non-finite candidate the solver recovered from is no failure
+        nonfinite = nonfinite & (~ok | bad_ys)
+        mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol.stats["num_accepted_steps"], 1)
+        collapsed = ~ok & ~nonfinite & (jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step)
+        budget_out = (sol.result == diffrax.RESULTS.max_steps_reached) & ~nonfinite & ~collapsed
         if throw:
-            mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol.stats["num_accepted_steps"], 1)
-            collapsed = jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step
             ys = _guard(ys, [  # in order: the first true one names the cause
                 (nonfinite,
                  "ncode_jax.solve: the dynamics produced NaN or inf from finite inputs: the vector "
                  "field is undefined or overflows at a state the solver tried (e.g. sqrt/log of a "
                  "negative value, exp overflow) — fix the field or its weights; more steps will not help"),
-                (~ok & collapsed,
+                (collapsed,
                  f"ncode_jax.solve: the step size collapsed: the {solver} solver kept rejecting steps "
                  "at one time (stiff or non-smooth dynamics, or a solution that blows up in finite "
                  "time); more max_steps will not help — use a solver suited to the dynamics, looser "
                  "tolerances, or smoother dynamics"),
-                (steps_out,
+                (budget_out,
                  f"ncode_jax.solve: the {solver} solver used all max_steps={max_steps} steps before "
                  f"reaching t1 while still making progress; raise it with solve(..., max_steps=N) or "
-                 f"{budget}"),
+                 f"{budget} (if the steps are tiny because the dynamics are stiff, an explicit solver "
+                 "will need very many)"),
                 (~ok, "ncode_jax.solve: diffrax could not finish the solve"),
-                (_not_finite(ys), "ncode_jax.solve: the solution contains NaN or inf"),
+                (bad_ys, "ncode_jax.solve: the solution contains NaN or inf"),
             ])
         n = sol.stats["num_steps"]
-        code = jnp.where(ok & ~nonfinite, RESULT_CODES["successful"],
-                         jnp.where(steps_out, RESULT_CODES["max_steps_reached"], RESULT_CODES["failed"]))
+        code = jnp.where(ok & ~bad_ys, RESULT_CODES["successful"],
+                         jnp.where(budget_out, RESULT_CODES["max_steps_reached"], RESULT_CODES["failed"]))
         stats = {
             "num_steps": n,
             "num_accepted_steps": sol.stats["num_accepted_steps"],

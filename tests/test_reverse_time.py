@@ -75,7 +75,7 @@ def test_ncode_inverse_recovers_the_input(kind):
     x0 = X1[:, :1] if kind == "anode" else X1
     fwd = model(params, x0, **TIGHT)
     theta_t1 = None if kind == "anode" else fwd.theta
-    back = model.inverse(params, fwd.x, theta_t1, **TIGHT)
+    back = model.inverse(params, fwd.x, theta_t1, t1=1.0, **TIGHT)
     x0_aug = jnp.pad(x0, ((0, 0), (0, 1))) if kind == "anode" else x0
     assert tree_rel_err(back.x, x0_aug) < 1e-6
 
@@ -84,4 +84,4 @@ def test_inverse_needs_theta_when_it_depends_on_the_input():
     model = NCODE.build("open", MLPField(2, 8), (2,), hidden=(8,))
     params = model.init(jax.random.key(0), jnp.float64)
     with pytest.raises(ValueError, match=r"pass theta_t1=sol.theta"):
-        model.inverse(params, X1)
+        model.inverse(params, X1, t1=1.0)

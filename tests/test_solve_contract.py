@@ -306,3 +306,55 @@ def test_only_public_diffrax_names():
     for module in (solve_module, solvers_module):
         src = inspect.getsource(module)
         assert "diffrax._" not in src and "._value" not in src, module.__name__
+
+
+# --- found by a second reader -------------------------------------------------------------------
+
+
+def test_throw_does_not_change_the_solve_bfloat16():
+    """The checks must not turn Python-float tolerances into float32 arrays (bfloat16 state)."""
+    x, th = jnp.ones((1, 1), jnp.bfloat16), jnp.array([-1.0], jnp.bfloat16)
+    loose = solve(Dynamics(LIN), x, th, throw=False)
+    checked = solve(Dynamics(LIN), x, th)
+    assert int(loose.stats["result"]) == 0
+    assert int(checked.stats["num_steps"]) == int(loose.stats["num_steps"])
+
+
+def test_result_codes_match_the_named_cause():
+    nan_field = solve(Dynamics(SqrtField()), jnp.full((1, 1), 0.25), jnp.array([2.0]), throw=False)
+    blow_up = solve(Dynamics(SquareField()), jnp.ones((1, 1)), jnp.array([1.0]), t1=2.0, throw=False)
+    budget = solve(Dynamics(LIN), ONES, jnp.array([-1.0]), rtol=1e-12, atol=1e-12, max_steps=2, throw=False)
+    assert [int(s.stats["result"]) for s in (nan_field, blow_up, budget)] == [2, 2, 1]
+
+
+def test_traced_zero_tolerances_and_string_tolerances():
+    run = jax.jit(lambda r, a: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), rtol=r, atol=a).x)
+    _raises(r"rtol and atol are both 0", run, 0.0, 0.0)
+    _raises(r"rtol must be a real number", lambda: solve(Dynamics(LIN), ONES, jnp.array([-1.0]), rtol="1e-3"),
+            exc=TypeError)
+    with pytest.raises(TypeError, match="rtol must be a real number"):
+        nc.SolveConfig(rtol="1e-3")
+
+
+def test_time_gradient_with_backsolve_is_refused():
+    def f(t1, adjoint):
+        return jnp.sum(solve(Dynamics(LIN), ONES, jnp.array([-1.0]), t1=t1, adjoint=adjoint).x)
+
+    _raises(r"backsolve' gives no derivatives with respect to t0, t1 or ts.*'checkpoint' or 'direct'",
+            jax.grad(f), 1.0, "backsolve", exc=TypeError)
+    np.testing.assert_allclose(jax.grad(f)(1.0, "checkpoint"), -2 * np.exp(-1.0), rtol=1e-2)  # rtol=1e-3 solve
+
+
+def test_empty_batch_and_list_inputs_through_ncode():
+    model = NCODE.build("open", MLPField(2, 4), (2,), hidden=(4,))
+    params = model.init(jax.random.key(0), jnp.float64)
+    _raises(r"x0 has an empty batch", lambda: model(params, jnp.zeros((0, 2))), exc=ValueError)
+    np.testing.assert_allclose(model(params, [[0.1, 0.2]]).x, model(params, jnp.array([[0.1, 0.2]])).x)
+    _raises(r"x0 must be an array", lambda: model(params, "x"), exc=TypeError)
+
+
+def test_recovered_nan_candidate_is_no_failure():
+    """dx/dt = -sqrt(x) from x0 = 1 on [0, 0.5]: the solution (1 - t/2)² stays positive, a big first
+    step may try x < 0 (NaN) and be rejected; the solve must still succeed."""
+    sol = solve(Dynamics(SqrtField()), jnp.ones((1, 1)), jnp.array([1.0]), t1=0.5, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(sol.x, [[0.75**2]], rtol=1e-6)
