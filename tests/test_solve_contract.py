@@ -342,7 +342,7 @@ def test_time_gradient_with_backsolve_is_refused():
 
     _raises(r"backsolve' gives no derivatives with respect to t0, t1 or ts.*'checkpoint' or 'direct'",
             jax.grad(f), 1.0, "backsolve", exc=TypeError)
-    np.testing.assert_allclose(jax.grad(f)(1.0, "checkpoint"), -2 * np.exp(-1.0), rtol=1e-2)  # rtol=1e-3 solve
+    np.testing.assert_allclose(jax.grad(f)(1.0, "checkpoint"), -2 * np.exp(-1.0), rtol=1e-2)
 
 
 def test_empty_batch_and_list_inputs_through_ncode():

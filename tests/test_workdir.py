@@ -172,6 +172,7 @@ def test_data_errors_are_refused_before_the_workdir_is_used(tmp_path, capsys):
     (["--set", "train_examples=abc"], "train_examples='abc': expected int or none"),
     (["--set", "widths=abc"], "widths='abc'"),
     (["--set", "seed=-1"], "seed=-1 is out of range"),
+    (["--set", "lr=inf"], "lr=inf is out of range: must be finite"),
     (["--set", "nokey=1"], "unknown config key 'nokey'"),
     (["--config", "train/configs"], "--config train/configs: is a directory"),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from pathlib import Path
@@ -201,3 +202,5 @@ def check_range(config: Any, names, *, minimum: float, strict: bool = False) -> 
         if value is not None and not (value > minimum if strict else value >= minimum):
             bound = f"> {minimum}" if strict else f">= {minimum}"
             raise ValueError(f"config value {name}={value} is out of range: must be {bound}")
+        if isinstance(value, float) and not math.isfinite(value):  # e.g. lr=inf
+            raise ValueError(f"config value {name}={value} is out of range: must be finite")
