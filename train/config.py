@@ -114,6 +114,8 @@ def _convert_one(value: Any, kind) -> Any:
     if kind is float:
         if isinstance(value, bool):
             raise TypeError
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+            return float(value)  # parsed, so that the range checks can name it
         return float(ast.literal_eval(value) if isinstance(value, str) else value)
     if kind is str:
         if not isinstance(value, str):
