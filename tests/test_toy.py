@@ -89,6 +89,8 @@ def test_config_errors():
         build(toy.ToyConfig, {"adjoint": "adjoint"})
     with pytest.raises(UserError, match="dt"):
         build(toy.ToyConfig, {"dt": -0.1})
+    with pytest.raises(UserError, match="kinetic=-1.0 is out of range"):
+        build(toy.ToyConfig, {"kinetic": -1.0})
 
 
 def _final_params(workdir, name):
@@ -97,8 +99,10 @@ def _final_params(workdir, name):
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+    # with the Jacobian regulariser on: its Hutchinson probes come from the step key, so the resumed
+    # run must replay them exactly
     cfg = build(toy.ToyConfig, dict(problem="reflection", model="open", steps=20, checkpoint_every=5,
-                                    log_every=5, solver="rk4", dt=0.25))
+                                    log_every=5, solver="rk4", dt=0.25, jacobian=0.05))
     toy.train_one(cfg, tmp_path / "straight", progress=False)
     _, straight = _final_params(tmp_path / "straight", "reflection_open")
 
@@ -124,6 +128,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     lines = (tmp_path / "killed" / "reflection_open" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [5, 10, 15, 20]  # no duplicates
+    assert all(r["reg"] > 0 for r in rows if r["kind"] == "train")  # the regulariser is reported
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [20]
 
     with pytest.raises(UserError, match="different configuration"):

@@ -11,6 +11,7 @@ work directory gets ``summary.json``, ``results.md`` and ``curves.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import ncode_jax as nc
 from ncode_jax.data.augment import random_shift
 from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
@@ -58,6 +60,8 @@ class ClassifyConfig(Config):
     train_examples: int | None = None  # use only the first N training examples (quick runs)
     log_every: int = 10
     checkpoint_every: int = 50
+    kinetic: float = 0.0  # weight of ∫‖f‖² dt in the loss (Finlay et al. 2020; 0 = off)
+    jacobian: float = 0.0  # weight of the Hutchinson estimate of ∫‖∂f/∂x‖²_F dt (0 = off)
     num_devices: int | None = None  # data-parallel over this many devices; None: all of them
 
     def __post_init__(self):
@@ -66,7 +70,8 @@ class ClassifyConfig(Config):
         check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         check_range(self, ("epochs", "batch_size", "eval_batch_size", "hidden", "log_every",
                            "checkpoint_every", "pool", "num_devices"), minimum=1)
-        check_range(self, ("augment", "random_shift", "weight_decay", "warmup_steps", "seed"), minimum=0)
+        check_range(self, ("augment", "random_shift", "weight_decay", "warmup_steps", "seed", "kinetic",
+                           "jacobian"), minimum=0)
         check_range(self, ("lr",), minimum=0, strict=True)
 
 
@@ -79,6 +84,9 @@ class Task(engine.Task):
         super().__init__(config)
         self.load(config.dataset, train_examples=config.train_examples, normalize=config.normalize)
         self.model = build_model(config, self.train.image_shape, self.train.num_classes)
+        # training adds the flow regularisers as a running cost; evaluation solves without it
+        self.cost = nc.regularization(kinetic=config.kinetic, jacobian=config.jacobian)
+        self.train_model = dataclasses.replace(self.model, flow=self.model.flow.with_running_cost(self.cost))
 
     def init(self, key):
         return self.model.init(key), {}
@@ -94,16 +102,24 @@ class Task(engine.Task):
         return make_optimizer(self.config, total_steps)
 
     def loss(self, params, extra, batch, key):
-        sums = self.eval_sums(params, extra, *batch, 1.0)
-        return sums["test_loss"] / len(batch[1]), ({"accuracy": sums["test_accuracy"] / len(batch[1]),
-                                                    "nfe": sums["test_nfe"]}, extra)
+        sums, sol = self._sums(params, *batch, 1.0, self.train_model,
+                               cost_args=nc.regularizer_args(self.cost, key))
+        n = len(batch[1])
+        metrics = {"accuracy": sums["test_accuracy"] / n, "nfe": sums["test_nfe"]}
+        if self.cost is None:
+            return sums["test_loss"] / n, (metrics, extra)
+        reg = jnp.mean(sol.cost)  # the probes come from the step's key fold_in(rng, step): replayed
+        return sums["test_loss"] / n + reg, ({**metrics, "reg": reg}, extra)
 
-    def eval_sums(self, params, extra, images, labels, mask):
-        logits, sol = self.model(params, images, **self.config.solve.kwargs())
+    def _sums(self, params, images, labels, mask, model, **extra):
+        logits, sol = model(params, images, **self.config.solve.kwargs(), **extra)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = jnp.argmax(logits, -1) == labels
         return {"test_loss": jnp.sum(losses * mask), "test_accuracy": jnp.sum(correct * mask),
-                "test_nfe": sol.stats["nfe"]}
+                "test_nfe": sol.stats["nfe"]}, sol
+
+    def eval_sums(self, params, extra, images, labels, mask):
+        return self._sums(params, images, labels, mask, self.model)[0]
 
     def describe(self, step, ev):
         return (f"{self.config.model} epoch {step // self.steps_per_epoch}: test accuracy "

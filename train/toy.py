@@ -50,6 +50,8 @@ class ToyConfig(Config):
     n_train: int = 512
     n_test: int = 1024
     solve: SolveConfig = SolveConfig(solver="tsit5", rtol=1e-3, atol=1e-6)
+    kinetic: float = 0.0  # weight of ∫‖f‖² dt in the loss (Finlay et al. 2020; 0 = off)
+    jacobian: float = 0.0  # weight of the Hutchinson estimate of ∫‖∂f/∂x‖²_F dt (0 = off)
     log_every: int = 10
     checkpoint_every: int = 50
     num_devices: int | None = None
@@ -61,7 +63,7 @@ class ToyConfig(Config):
         check_range(self, ("steps", "hidden", "control_hidden", "n_train", "n_test", "log_every",
                            "checkpoint_every", "augment", "num_devices"), minimum=1)
         check_range(self, ("lr",), minimum=0, strict=True)
-        check_range(self, ("seed",), minimum=0)
+        check_range(self, ("seed", "kinetic", "jacobian"), minimum=0)
 
     @property
     def batch_size(self) -> int:
@@ -81,6 +83,10 @@ class Task(engine.Task):
         self.flow = nc.NCODE.build(cfg.model, nc.MLPField(dim + aug, cfg.hidden), (dim,), augment=aug,
                                    hidden=hidden, feedback_hidden=hidden)
         self.model = FlowClassifier(self.flow, 2) if cfg.problem == "annuli" else self.flow
+        # training adds the flow regularisers as a running cost; evaluation solves without it
+        self.cost = nc.regularization(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
+        reg_flow = self.flow.with_running_cost(self.cost)
+        self.train_model = FlowClassifier(reg_flow, 2) if cfg.problem == "annuli" else reg_flow
         k_train, k_test = jax.random.split(jax.random.key(cfg.seed + 1000))
         make = toy_data.reflection if cfg.problem == "reflection" else toy_data.annuli
         (x, y), (xt, yt) = make(k_train, cfg.n_train), make(k_test, cfg.n_test)
@@ -102,29 +108,35 @@ class Task(engine.Task):
     def init(self, key):
         return self.model.init(key), {}
 
-    def predict(self, params, x, **extra):  # (x(T) for reflection, logits for annuli), solution
+    def predict(self, params, x, model=None, **extra):  # (x(T) or logits, solution)
+        model = self.model if model is None else model
         opts = {**self.config.solve.kwargs(), **extra}
         if self.config.problem == "reflection":
-            sol = self.flow(params, x, **opts)
+            sol = model(params, x, **opts)
             return sol.x, sol
-        return self.model(params, x, **opts)
+        return model(params, x, **opts)
 
-    def _per_sample(self, params, x, y):
-        out, sol = self.predict(params, x)
+    def _per_sample(self, params, x, y, model=None, **extra):
+        out, sol = self.predict(params, x, model, **extra)
         if self.config.problem == "reflection":
             err = jnp.mean((out - y[:, None]) ** 2, axis=-1)
-            return err, err, sol.stats["nfe"]
+            return err, err, sol
         loss = optax.softmax_cross_entropy_with_integer_labels(out, y)
-        return loss, (jnp.argmax(out, -1) == y).astype(jnp.float32), sol.stats["nfe"]
+        return loss, (jnp.argmax(out, -1) == y).astype(jnp.float32), sol
 
     def loss(self, params, extra, batch, key):
-        loss, metric, nfe = self._per_sample(params, *batch)
-        return loss.mean(), ({self.metric: metric.mean(), "nfe": nfe}, extra)
+        loss, metric, sol = self._per_sample(params, *batch, self.train_model,
+                                             cost_args=nc.regularizer_args(self.cost, key))
+        metrics = {self.metric: metric.mean(), "nfe": sol.stats["nfe"]}
+        if self.cost is None:
+            return loss.mean(), (metrics, extra)
+        reg = jnp.mean(sol.cost)  # the probes come from the step's key fold_in(rng, step): replayed
+        return loss.mean() + reg, ({**metrics, "reg": reg}, extra)
 
     def eval_sums(self, params, extra, x, y, mask):
-        loss, metric, nfe = self._per_sample(params, x, y)
+        loss, metric, sol = self._per_sample(params, x, y)
         return {"test_loss": jnp.sum(loss * mask), f"test_{self.metric}": jnp.sum(metric * mask),
-                "test_nfe": nfe}
+                "test_nfe": sol.stats["nfe"]}
 
     def row(self):
         return {"problem": self.config.problem, "model": self.config.model}
