@@ -1,5 +1,5 @@
 """The paper's CIFAR-10 setting (sec. 5.2): ``mnist_paper.py`` on 32×32×3 images, 20 epochs; needs
-the tfds ``cifar10`` set prepared. Command (a GPU machine)::
+the tfds ``cifar10`` set prepared; the backsolve adjoint, as there. Command (a GPU machine)::
 
     python -m train.classify --config train/configs/cifar10_paper.py --workdir runs/cifar10 --set model=open
 
