@@ -30,7 +30,8 @@ def digits_batch():
     return ds.images[:32], ds.labels[:32]
 
 
-@pytest.mark.parametrize("kind", IMAGE_KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("node", "anode") else k
+                                  for k in IMAGE_KINDS])  # node/anode: same code path, -m slow
 def test_loss_decreases_on_fixed_batch(kind, digits_batch):
     images, labels = digits_batch
     cfg = tiny_config(model=kind)

@@ -78,6 +78,7 @@ def _nonzero_everywhere(g):
             assert float(jnp.linalg.norm(leaf)) > 1e-6, jax.tree_util.keystr(path)
 
 
+@pytest.mark.slow  # open and closed are compared in the default run (test_checkpoint_and_backsolve_agree)
 def test_open_closed_three_adjoints_agree(grads):
     v_cp, g_cp = grads("open_closed", "checkpoint")
     v_bs, g_bs = grads("open_closed", "backsolve")

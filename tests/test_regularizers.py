@@ -177,6 +177,7 @@ def test_gradient_backsolve_matches_checkpoint(grads):
     assert tree_rel_err(g_bs, g_cp) <= 1e-4
 
 
+@pytest.mark.slow
 def test_open_loop_under_jit_vmap_grad_adaptive_backsolve():
     """Per-sample θ(0) = γ(x(0)), dopri5, backsolve, vmapped over two batches with two keys.
     (Closed loop: the finite-difference tests; shared θ with padding (anode): the quadrature

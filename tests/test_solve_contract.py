@@ -56,8 +56,12 @@ class SquareField(nc.VectorField):
 # --- 2. dtypes under jax_enable_x64 ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adjoint,x64", [("checkpoint", True), ("backsolve", True), ("direct", True),
-                                          ("backsolve", False)])
+@pytest.mark.parametrize("adjoint,x64", [
+    ("checkpoint", True),
+    pytest.param("backsolve", True, marks=pytest.mark.slow),
+    pytest.param("direct", True, marks=pytest.mark.slow),
+    ("backsolve", False),
+])
 def test_float32_model_stays_float32(adjoint, x64):
     """Outputs and the adjoint's own cotangents (before JAX casts them to the parameters' dtype)
     keep float32, under every adjoint, with x64 on and off (issue 10: Python-float t0/t1 made the
