@@ -138,6 +138,7 @@ def test_fd_check_detects_a_wrong_gradient(grads):
         _fd_check(_jitted_loss("open_closed"), params, wrong)
 
 
+@pytest.mark.slow  # test_adjoint_order.py checks backsolve's inexactness in the default run
 def test_backsolve_is_approximate_with_adaptive_steps(grads):
     """DESIGN.md fact 2: with adaptive steps BacksolveAdjoint re-solves backwards on its own
     grid, so its gradient differs from the checkpointed (exact-for-the-discrete-solve) one.

@@ -379,10 +379,12 @@ def reflection():
     return {k: float(v) for k, v in re.findall(r"(\w+): held-out MSE ([0-9.e+-]+)", out.stdout)}
 
 
+@pytest.mark.slow  # the README example in a subprocess (~15 s); test_toy.py keeps the claim for NCODE
 def test_open_loop_module_field_learns_reflection(reflection):
     assert reflection["open"] < 1e-3, reflection
 
 
+@pytest.mark.slow
 def test_node_with_same_field_cannot_reflect(reflection):
     assert reflection["node"] >= 0.3, reflection  # a 1-D flow map is increasing: MSE ≥ 1/3
 

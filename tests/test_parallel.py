@@ -83,6 +83,7 @@ def equivalence():
     return {r["case"]: r for r in rows}
 
 
+@pytest.mark.slow  # ~40 s (one 4-device subprocess); the in-process mesh tests stay in the default run
 @pytest.mark.parametrize("case", ["ncode_open_classifier", "autoncode"])
 def test_sharded_step_matches_single_device(equivalence, case):
     r = equivalence[case]
@@ -169,6 +170,7 @@ def test_one_device_mesh_and_config():
 
 # --- two processes through jax.distributed on 127.0.0.1 ------------------------------------------
 
+@pytest.mark.slow  # two jax.distributed processes, ~12 s
 def test_two_processes_train_to_identical_parameters(tmp_path):
     out = tmp_path / "toy"
     _run_processes(lambda i: ["toy", "--out", f"{out}.p{i}.json"])

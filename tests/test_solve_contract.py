@@ -140,8 +140,10 @@ def _diverging_loss(theta, x0):
     return jnp.sum(solve(Dynamics(LIN), x0, theta, t1=2.0, solver="euler", dt=0.5).x)
 
 
-@pytest.mark.parametrize("wrap", ["grad", "jit_grad", "jit_value_and_grad", "vmap_grad", "jit_vmap_grad",
-                                  "eager"])
+@pytest.mark.parametrize("wrap", [  # the compositions that lost the check on the old code stay default
+    pytest.param("grad", marks=pytest.mark.slow), "jit_grad", "jit_value_and_grad",
+    pytest.param("vmap_grad", marks=pytest.mark.slow), "jit_vmap_grad",
+    pytest.param("eager", marks=pytest.mark.slow)])
 def test_checks_survive_transformations(wrap):
     g = jax.grad(_diverging_loss)
     fn, x0 = {

@@ -62,6 +62,7 @@ def test_outputs_written(reflection_results):
     assert "N-CODE closed" in (workdir / "results.md").read_text()
 
 
+@pytest.mark.slow  # the CLI path also runs in test_workdir.py; this one adds the figures (~16 s)
 def test_cli_smoke(tmp_path, capsys):
     rc = toy.main(["--workdir", str(tmp_path), "--problem", "annuli", "--model", "anode",
                    "--steps", "3", "--log-every", "1", "--solver", "rk4", "--dt", "0.25",
