@@ -117,40 +117,31 @@ def _check_kernel(w: Array, c: int, batch: int | None, who: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def _conv3x3(x, w):
-    """Batch-1 ``lax.conv`` forward and input gradient, im2col kernel gradient (``conv_map``)."""
-    return _conv_same(x[None], w)[0]
+def _linear_conv(apply, kernel_grad, doc: str):
+    """A convolution ``apply(x, w)`` (linear in each argument) under a custom VJP: the input
+    gradient is ``apply(g, flip(w))`` (the transposed convolution of a 'SAME' 3×3 kernel) and the
+    kernel gradient ``kernel_grad(x, g)``; only ``(x, w)`` are saved for the backward pass."""
+
+    @jax.custom_vjp
+    def conv(x, w):
+        return apply(x, w)
+
+    def fwd(x, w):
+        return apply(x, w), (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        return apply(g, _flip_transpose(w)), kernel_grad(x, g)
+
+    conv.defvjp(fwd, bwd)
+    conv.__doc__ = doc
+    return conv
 
 
-def _conv3x3_fwd(x, w):
-    return _conv3x3(x, w), (x, w)
-
-
-def _conv3x3_bwd(res, g):
-    x, w = res
-    return _conv_same(g[None], _flip_transpose(w))[0], _kernel_grad(x, g)
-
-
-_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-@jax.custom_vjp
-def _conv3x3_mm(x, w):
-    """Everything an im2col matrix product (``map``)."""
-    return _conv_mm(x, w)
-
-
-def _conv3x3_mm_fwd(x, w):
-    return _conv_mm(x, w), (x, w)
-
-
-def _conv3x3_mm_bwd(res, g):
-    x, w = res
-    return _conv_mm(g, _flip_transpose(w)), _kernel_grad(x, g)
-
-
-_conv3x3_mm.defvjp(_conv3x3_mm_fwd, _conv3x3_mm_bwd)
+_conv3x3 = _linear_conv(
+    lambda x, w: _conv_same(x[None], w)[0], _kernel_grad,
+    "Batch-1 ``lax.conv`` forward and input gradient, im2col kernel gradient (``conv_map``).")
+_conv3x3_mm = _linear_conv(_conv_mm, _kernel_grad, "Everything an im2col matrix product (``map``).")
 
 
 def conv3x3(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "H W D"]:
@@ -227,21 +218,9 @@ def _batched_kernel_grad(x: Float[Array, "B H W C"], g: Float[Array, "B H W D"])
     return jnp.stack(taps, 1).reshape(x.shape[0], 3, 3, x.shape[-1], g.shape[-1])
 
 
-@jax.custom_vjp
-def _grouped_conv3x3(x, w):
-    return _grouped(x, w)
-
-
-def _grouped_fwd(x, w):
-    return _grouped(x, w), (x, w)
-
-
-def _grouped_bwd(res, g):
-    x, w = res
-    return _grouped(g, _flip_transpose(w)), _batched_kernel_grad(x, g)
-
-
-_grouped_conv3x3.defvjp(_grouped_fwd, _grouped_bwd)
+_grouped_conv3x3 = _linear_conv(
+    _grouped, _batched_kernel_grad,
+    "Grouped convolution forward and input gradient, per-tap batched kernel gradient (``grouped``).")
 
 
 def per_sample_conv3x3(
