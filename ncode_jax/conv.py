@@ -162,25 +162,14 @@ def conv3x3(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array
 # ---------------------------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def _shared_conv3x3(x, w):
-    return _conv_same(x, w)
-
-
-def _shared_fwd(x, w):
-    return _conv_same(x, w), (x, w)
-
-
-def _shared_bwd(res, g):
-    x, w = res
-    dx = _conv_same(g, _flip_transpose(w))
-
+def _shared_kernel_grad(x, g):
     # image by image: the im2col buffer stays small (9·H·W·C floats); per device when data-parallel
-    dw = batch_sum(lambda xg: _kernel_grad(*xg), jnp.zeros(w.shape, w.dtype), (x, g))
-    return dx, dw
+    zeros = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), jnp.result_type(x, g))
+    return batch_sum(lambda xg: _kernel_grad(*xg), zeros, (x, g))
 
 
-_shared_conv3x3.defvjp(_shared_fwd, _shared_bwd)
+_shared_conv3x3 = _linear_conv(_conv_same, _shared_kernel_grad,
+                               "A batch with one kernel: ``lax.conv``, kernel gradient image by image.")
 
 
 def shared_conv3x3(x: Float[Array, "B H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "B H W D"]:

@@ -128,6 +128,7 @@ def test_autoencode_trains_data_parallel_like_one_device(tmp_path):
     assert r["leaves"] >= 6 and r["variables_rel"] <= 1e-3, r
 
 
+@pytest.mark.slow  # shares the 4-device subprocess (~45 s) with the equivalence tests
 def test_batch_not_divisible_is_a_clear_error(equivalence):
     r = equivalence["errors"]
     assert "batch_size=30 (the global batch) is not divisible by the device count 4" in r["train"], r
