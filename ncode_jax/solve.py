@@ -75,10 +75,6 @@ def _is_concrete(v) -> bool:
     return isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer)
 
 
-def _order(solver: str) -> int:
-    return solver_info(solver).order
-
-
 def check_options(
     *,
     solver: str = "tsit5",
@@ -154,9 +150,9 @@ def check_options(
             "seminorm=True changes the step-size control of the backsolve adjoint's backward solve: "
             f"it needs adjoint='backsolve' and adaptive steps (dt=None), got adjoint={adjoint!r}, dt={dt}"
         )
-    if adjoint == "backsolve" and dt is not None and _order(solver) < 2:
+    if adjoint == "backsolve" and dt is not None and info.order < 2:
         raise ValueError(
-            f"adjoint='backsolve' with the fixed-step {solver!r} solver (order {_order(solver)}) gives "
+            f"adjoint='backsolve' with the fixed-step {solver!r} solver (order {info.order}) gives "
             "gradients with an O(dt) error (1.6% at dt=0.1 on the reflection toy, enough to make "
             "training diverge); use adjoint='checkpoint' (the exact gradient of the discrete solve), "
             "or a higher-order solver such as 'rk4' for O(1) memory"
@@ -423,7 +419,7 @@ def _check_dtypes(x0, theta0, feedback) -> None:
             )
 
 
-def _static_times_checks(t0, t1, dt, ts) -> None:
+def _static_times_checks(t0, t1, ts) -> None:
     """Checks of the time grid that can be made at trace time."""
     if _is_concrete(t0) and _is_concrete(t1) and float(t0) == float(t1):
         raise ValueError(f"t0 and t1 are equal ({float(t0)}): the time interval is empty")
@@ -554,7 +550,7 @@ def solve(
         )
     _check_dtypes(x0, theta0, params.get("feedback"))
     _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts))
-    _static_times_checks(t0, t1, dt, ts)
+    _static_times_checks(t0, t1, ts)
     if adjoint == "backsolve" and dt is not None and info.order < 4:
         warnings.warn(
             f"adjoint='backsolve' with fixed-step {solver!r} (order {info.order}): the continuous "
