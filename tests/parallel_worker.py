@@ -270,7 +270,7 @@ def run_toy(out: str, steps: int = 3, batch: int = 8) -> None:
         np.savez(out + ".ref.npz", *[np.asarray(a) for a in jax.tree.leaves(ref)])
         ref_loss = float(ref_loss)
     Path(out).write_text(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                                     "devices": jax.device_count(), "rows": str(dp.local_rows(batch)),
+                                     "devices": jax.device_count(), "rows": str(dp.shard_batch(batches[0])[0].addressable_shards[0].index[0]),
                                      "loss": float(loss), "ref_loss": ref_loss}))
 
 

@@ -1,7 +1,10 @@
 """Evaluate trained autoencoders: reconstruction, generation FID per sampler, figures (sec. 5.3–5.4).
 
     python -m train.autoencode_eval --workdir runs/ae5k [--components 10,100,1000] [--samples 10000]
-        [--inception-weights FILE]
+        [--inception-weights FILE] [--set key=value ...]
+
+Options are the keys of :class:`EvalConfig`, as ``--key value`` or ``--set key=value`` (the same
+mechanism as the training scripts, :mod:`train.config`).
 
 ``--workdir`` is the work directory of ``train.autoencode``; runs not trained to their last step
 are refused (``--allow-unfinished``: evaluated and labelled UNFINISHED). For every model: the
@@ -21,10 +24,10 @@ Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md``, ``orbit.png`` (Au
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -34,11 +37,11 @@ import numpy as np
 from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
 from ncode_jax.metrics.batching import map_batches
 from ncode_jax.metrics.fid import fid_from_features
-from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS, Autoencoder
+from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS
 
-from . import autoencode
-from .config import UserError, build
-from .engine import error, load_run
+from . import autoencode, figures
+from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides
+from .engine import error, load_run, parse_args
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -84,87 +87,6 @@ def model_dirs(workdir: Path, models: list[str] | None) -> list[Path]:
         raise UserError(f"{workdir} holds no trained {models or 'models'} (<model>/config.json written by "
                         "python -m train.autoencode)")
     return found
-
-
-def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """``(rows·cols, h, w, c)`` → one ``(rows·(h+1), cols·(w+1), c)`` mosaic with 1-px gaps."""
-    n, h, w, c = images.shape
-    out = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), np.float32)
-    for i in range(min(n, rows * cols)):
-        r, q = divmod(i, cols)
-        out[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = images[i]
-    return out
-
-
-def _show(ax, img: np.ndarray) -> None:
-    img = np.clip(img, 0, 1)
-    if img.shape[-1] == 1:
-        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(img, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path, dpi: int = 120) -> Path:
-    fig.tight_layout()
-    fig.savefig(out, dpi=dpi)
-    _plt().close(fig)
-    return out
-
-
-def plot_orbit(model: Autoencoder, variables, images: np.ndarray, out: Path, steps: int = 11) -> Path:
-    """Decoded ``x(t)`` at ``steps`` times in ``[0, t1]`` (columns) for each image (rows), and
-    the ground truth in the last column (figs. 8 and A.2)."""
-    plt = _plt()
-    ts = jnp.linspace(0.0, model.t1, steps)
-    _, decoded = jax.jit(model.orbit)(variables, jnp.asarray(images), ts)
-    decoded = np.asarray(decoded)  # (T, B, h, w, c)
-    tiles = np.concatenate([decoded.transpose(1, 0, 2, 3, 4), images[:, None]], axis=1)
-    b = images.shape[0]
-    fig, ax = plt.subplots(figsize=(0.7 * (steps + 1), 0.7 * b + 0.5))
-    _show(ax, _grid(tiles.reshape(-1, *images.shape[1:]), b, steps + 1))
-    h = images.shape[2] + 1
-    ax.set_xticks([h * i + h / 2 - 1 for i in range(steps + 1)])
-    ax.set_xticklabels([f"{float(t):g}" for t in ts] + ["truth"], fontsize=7)
-    ax.set_xlabel("t (decoded latent state x(t); last column: input image)")
-    ax.set_title("AutoN-CODE: reconstructions along the controlled orbit")
-    return _save(fig, out)
-
-
-def plot_rows(title: str, rows: dict[str, np.ndarray], out: Path, cols: int = 12) -> Path:
-    """One labelled row of images per entry of ``rows`` (label → ``(n, h, w, c)``), ``cols`` each."""
-    fig, axes = _plt().subplots(len(rows), 1, figsize=(0.75 * cols + 1.0, 0.85 * len(rows) + 0.4),
-                                squeeze=False)
-    for ax, (name, imgs) in zip(axes[:, 0], rows.items()):
-        _show(ax, _grid(imgs[:cols], 1, cols))
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    axes[0, 0].set_title(title)
-    return _save(fig, out)
-
-
-def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out: Path) -> Path:
-    """``panels``: label → (2-D embedding, GMM-10 component, class label)."""
-    plt = _plt()
-    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7.6), squeeze=False)
-    for j, (name, (emb, comp, labels)) in enumerate(panels.items()):
-        for i, (colour, what) in enumerate([(comp, "10-component GMM"), (labels, "digit label")]):
-            ax = axes[i, j]
-            ax.scatter(emb[:, 0], emb[:, 1], c=colour, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
-            ax.set_title(f"{name}: coloured by {what}", fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle("t-SNE of held-out latent codes (fig. A.7)")
-    return _save(fig, out, 110)
 
 
 def evaluate_model(run, train, test, features: Features, real_feats, *, components,
@@ -261,14 +183,16 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
                                   seed=seed)
         results.append(res)
         arrays[d.name] = arr
-        plot_rows(f"{res['label']}: random samples per latent sampler", arr["samples"],
+        figures.plot_rows(f"{res['label']}: random samples per latent sampler", arr["samples"],
                   out / f"samples_{d.name}.png")
     # figures
     rng = np.random.default_rng(seed)
     pick = rng.choice(test.num_examples, size=n_figure, replace=False)
     if "ncode" in arrays:
         a = arrays["ncode"]
-        plot_orbit(a["model"], a["variables"], test.images[pick], out / "orbit.png")
+        ts = jnp.linspace(0.0, a["model"].t1, 11)
+        _, decoded = jax.jit(a["model"].orbit)(a["variables"], jnp.asarray(test.images[pick]), ts)
+        figures.plot_orbit(np.asarray(ts), np.asarray(decoded), test.images[pick], out / "orbit.png")
     pairs = rng.choice(test.num_examples, size=(2, 2), replace=False)
     interp = {}
     w = np.linspace(0.0, 1.0, 10, dtype=np.float32)[:, None]
@@ -277,7 +201,7 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
             z = (1 - w) * a["codes_test"][i] + w * a["codes_test"][j]
             imgs = np.asarray(a["model"].decode(a["variables"], jnp.asarray(z)))
             interp[f"{MODEL_LABELS[name]} (pair {p + 1})"] = imgs
-    plot_rows("linear interpolation between the latent codes of two held-out images", interp,
+    figures.plot_rows("linear interpolation between the latent codes of two held-out images", interp,
               out / "interpolation.png", cols=10)
     from sklearn.manifold import TSNE
 
@@ -289,7 +213,7 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
         emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(codes)
         panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
         print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
-    plot_tsne(panels, out / "tsne.png")
+    figures.plot_tsne(panels, out / "tsne.png")
     meta = {"workdir": str(workdir), "unfinished": unfinished, "n_samples": n_samples,
             "components": list(components), "fit_split": fit_split, "test_examples": test.num_examples,
             "fid_name": features.name,
@@ -299,38 +223,40 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
     return results
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, default, help_ in [("--workdir", None, "the work directory of python -m train.autoencode"),
-                                 ("--models", None, "comma list (default: every trained model found)"),
-                                 ("--components", "10,100,1000", "GMM component counts, comma list"),
-                                 ("--inception-weights", None, ".npz InceptionV3 weights (standard FID)")]:
-        p.add_argument(flag, default=default, required=flag == "--workdir", help=help_)
-    p.add_argument("--samples", type=int, default=10000, help="generated images per sampler")
-    p.add_argument("--fit-split", choices=("train", "test"), default="train", help="codes fitted to")
-    p.add_argument("--kde-bandwidth", type=float, default=None, help="in standardised units (Scott's rule)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tsne-points", type=int, default=1000)
-    p.add_argument("--allow-unfinished", action="store_true", help="evaluate unfinished runs (labelled)")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """The options of the evaluation (see the module docstring)."""
+
+    models: tuple[str, ...] | None = None  # default: every trained model found
+    components: tuple[int, ...] = (10, 100, 1000)  # Gaussian mixture component counts
+    samples: int = 10000  # generated images per sampler
+    fit_split: str = "train"  # the codes the samplers are fitted to
+    kde_bandwidth: float | None = None  # in standardised units; None: Scott's rule
+    inception_weights: str | None = None  # .npz InceptionV3 weights (standard FID)
+    seed: int = 0
+    tsne_points: int = 1000
+    allow_unfinished: bool = False  # evaluate runs stopped before their last step (labelled)
+
+    def __post_init__(self):
+        check_choice("fit_split", self.fit_split, ("train", "test"))
+        check(bool(self.components) and min(self.components) >= 1,
+              f"config value components={self.components} must be positive integers")
+        check_range(self, ("samples",), minimum=2)
+        check_range(self, ("tsne_points",), minimum=1)
+        check_range(self, ("kde_bandwidth",), minimum=0, strict=True)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, doc=__doc__, config_class=EvalConfig, default_config="", training=False)
     try:
-        components = tuple(int(k) for k in args.components.split(",") if k)
-        if not components or min(components) < 1:
-            raise ValueError(f"--components must be positive integers, got {args.components!r}")
-        if args.samples < 2:
-            raise ValueError(f"--samples must be >= 2, got {args.samples}")
-        models = args.models.split(",") if args.models else None
-        results = run(Path(args.workdir), models=models, components=components, n_samples=args.samples,
-                      fit_split=args.fit_split, kde_bandwidth=args.kde_bandwidth,
-                      inception_weights=args.inception_weights, seed=args.seed,
-                      tsne_points=args.tsne_points, allow_unfinished=args.allow_unfinished)
+        cfg = build(EvalConfig, parse_overrides(args.overrides))
+        results = run(Path(args.workdir), models=cfg.models, components=cfg.components,
+                      n_samples=cfg.samples, fit_split=cfg.fit_split, kde_bandwidth=cfg.kde_bandwidth,
+                      inception_weights=cfg.inception_weights, seed=cfg.seed,
+                      tsne_points=cfg.tsne_points, allow_unfinished=cfg.allow_unfinished)
     except (ValueError, FileNotFoundError) as e:
         return error(e, 2)
-    print(results_table(results, components))
+    print(results_table(results, cfg.components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")
     return 0

@@ -152,23 +152,9 @@ def results_table(summaries: list[dict]) -> str:
 
 
 def report(workdir: Path, tasks, summaries: list[dict]) -> None:
-    import matplotlib
+    from .figures import classification_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_nfe) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for s in summaries:
-        rows = [r for r in engine.read_metrics(workdir / s["model"] / "metrics.jsonl") if r["kind"] == "eval"]
-        ep = [r["epoch"] for r in rows]
-        ax_acc.plot(ep, [100 * r["test_accuracy"] for r in rows], "o-", label=LABELS[s["model"]])
-        ax_nfe.plot(ep, [r["test_nfe"] for r in rows], "o-", label=LABELS[s["model"]])
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy")
-    ax_nfe.set(xlabel="epoch", ylabel="NFE per forward solve", title="function evaluations")
-    ax_acc.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "curves.png", dpi=110)
-    plt.close(fig)
+    classification_curves(workdir, [s["model"] for s in summaries], LABELS)
 
 
 def main(argv=None) -> int:

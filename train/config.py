@@ -1,22 +1,27 @@
 """One configuration mechanism for every training script: frozen, typed config dataclasses filled
 from their defaults, a config file (a module with ``get_config() -> dict``), then ``--set k=v``.
 
-Text is parsed by the field's annotation (``int``, ``float``, ``bool``, ``str``, ``X | None`` with
-``none``, ``tuple[int, ...]`` as ``16,16``); a nested ``solve: SolveConfig`` is addressed as
-``solve.dt`` or, its leaf names being unique, ``dt``. Mistakes raise :class:`UserError` naming
-key and input. Adding a key is one line: a field with a default.
+Values are checked and converted to the field's annotation by pydantic (``TypeAdapter`` of the
+dataclass: text ``"3"`` for an int, ``"1e-3"`` for a float, ``true``/``no`` for a bool), plus the
+command-line spellings ``none`` (``X | None``) and ``16,16`` (``tuple[int, ...]``); a nested
+``solve: SolveConfig`` is addressed as ``solve.dt`` or, its leaf names being unique, ``dt``.
+Mistakes raise :class:`UserError` naming key and input. Adding a key is one line: a field with a
+default. (A library for the command line itself, tyro or ml_collections, would change every
+documented command to ``--config.key`` or absl flags; pydantic does the typing under ours.)
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import functools
 import importlib.util
 import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+import pydantic
 
 from ncode_jax import SolveConfig  # noqa: F401  (the configs' solver settings)
 
@@ -77,51 +82,15 @@ def _options(typ) -> tuple[list, bool]:
     return [typ], False
 
 
-def convert(key: str, value: Any, typ) -> Any:
-    """``value`` (text from the command line, or a value from a file or JSON) as a ``typ``."""
+def _text(value: Any, typ) -> Any:
+    """Command-line spellings pydantic does not read: ``none`` for None, ``16,16`` for tuples."""
     kinds, optional = _options(typ)
-    if value is None or (isinstance(value, str) and value.lower() == "none" and optional):
-        if optional:
+    if isinstance(value, str):
+        if optional and value.strip().lower() == "none":
             return None
-        raise UserError(f"config value {key}=None is not allowed: expected {_name(typ)}")
-    for kind in kinds:
-        try:
-            return _convert_one(value, kind)
-        except (ValueError, TypeError, SyntaxError):
-            continue
-    raise UserError(f"config value {key}={value!r}: expected {_name(typ)}")
-
-
-def _convert_one(value: Any, kind) -> Any:
-    if typing.get_origin(kind) is tuple:
-        (item, *_) = typing.get_args(kind)
-        if isinstance(value, str):
-            text = value.strip().strip("()[]")
-            value = [v for v in text.replace(" ", "").split(",") if v]
-        if not isinstance(value, list | tuple):
-            raise TypeError
-        return tuple(_convert_one(v, item) for v in value)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError
-    if kind is int:
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise TypeError
-        return int(value) if not isinstance(value, str) else int(value.strip())
-    if kind is float:
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
-            return float(value)  # parsed, so that the range checks can name it
-        return float(ast.literal_eval(value) if isinstance(value, str) else value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    raise TypeError
+        if any(typing.get_origin(k) is tuple for k in kinds):
+            return [v for v in value.strip().strip("()[]").replace(" ", "").split(",") if v]
+    return value
 
 
 def _name(typ) -> str:
@@ -145,16 +114,38 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 def build(cls, *layers: dict) -> Any:
     """An instance of the config class ``cls`` from the defaults updated by each layer in turn
     (dicts of ``key -> value``, keys as in :func:`leaves` or nested dicts as written by
-    :func:`to_dict`); validation errors of the dataclasses become :class:`UserError`."""
+    :func:`to_dict`). Types are checked and converted by pydantic (strict about e.g. ``3.5`` for
+    an int, lax about ``"3"``); every mistake, the dataclasses' own checks included, becomes a
+    one-line :class:`UserError` naming key and input."""
     known = leaves(cls)
-    values: dict[tuple[str, ...], Any] = {}
+    given: dict = {}
+    raw: dict = {}  # field path -> the value as the user wrote it
     for layer in layers:
         for key, value in _flatten(layer):
             if key not in known:
                 raise UserError(f"unknown config key {key!r}; known keys: {sorted(known)}")
             path, typ = known[key]
-            values[path] = convert(key, value, typ)
-    return _construct(cls, values, ())
+            if value is None and not _options(typ)[1]:
+                raise UserError(f"config value {key}=None is not allowed: expected {_name(typ)}")
+            if len(path) == 2:  # a nested config starts from the parent's default instance
+                given.setdefault(path[0], dataclasses.asdict(cls.__dataclass_fields__[path[0]].default))
+            (given[path[0]] if len(path) == 2 else given)[path[-1]] = _text(value, typ)
+            raw[path] = value
+    try:
+        return _adapter(cls).validate_python(given)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "value_error":  # a check of the dataclass itself
+            raise UserError("config: " + err["msg"].removeprefix("Value error, ")) from None
+        loc = tuple(str(x) for x in err["loc"])
+        key, (path, typ) = next((k, v) for k, v in known.items() if v[0] == loc[: len(v[0])])
+        value = raw.get(path, err["input"])
+        raise UserError(f"config value {key}={value!r}: expected {_name(typ)}") from None
+
+
+@functools.cache
+def _adapter(cls) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
 
 
 def _flatten(layer: dict, prefix: str = ""):
@@ -163,25 +154,6 @@ def _flatten(layer: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def _construct(cls, values: dict, prefix: tuple, base: Any = None) -> Any:
-    """``cls`` from the values under ``prefix``; unset fields keep those of ``base`` (the parent's
-    default instance of a nested config), else the class defaults."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        typ = typing.get_type_hints(cls)[f.name]
-        path = (*prefix, f.name)
-        if dataclasses.is_dataclass(typ):
-            if any(p[: len(path)] == path for p in values):
-                default = f.default if f.default is not dataclasses.MISSING else None
-                kwargs[f.name] = _construct(typ, values, path, default)
-        elif path in values:
-            kwargs[f.name] = values[path]
-    try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config: {e}") from None
 
 
 to_dict = dataclasses.asdict  # the config as nested dicts

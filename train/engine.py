@@ -288,7 +288,7 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
                "train_examples": int(task.train.images.shape[0]),
                "test_examples": int(task.test.images.shape[0]),
-               "num_devices": dp.num_devices, "num_processes": dp.num_processes}
+               "num_devices": dp.num_devices, "num_processes": jax.process_count()}
     if dp.is_main:
         _write_json(workdir / "summary.json", summary)
     task.trained = (params, extra)  # for reports drawn right after training (figures)
@@ -362,24 +362,30 @@ def load_run(workdir: str | os.PathLike, **overrides) -> Run:
 
 
 def parse_args(argv, *, doc: str, config_class, default_config: str | None = None,
-               default_workdir: str | None = None) -> argparse.Namespace:
+               default_workdir: str | None = None, training: bool = True) -> argparse.Namespace:
+    """``--config`` (``default_config=""``: none), ``--workdir``, ``--set KEY=VALUE``, one
+    ``--<key> VALUE`` per config key (a bool key alone means true) and, for ``training``,
+    ``--no-progress`` and the multi-host flags."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--config", default=default_config, required=default_config is None,
-                   help="a train/configs/*.py file")
+    if default_config != "":
+        p.add_argument("--config", default=default_config, required=default_config is None,
+                       help="a train/configs/*.py file")
     p.add_argument("--workdir", default=default_workdir, required=default_workdir is None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config value (repeatable); model may be a comma list or 'all'")
-    p.add_argument("--no-progress", action="store_true")
-    parallel.add_distributed_flags(p)
+    if training:
+        p.add_argument("--no-progress", action="store_true")
+        parallel.add_distributed_flags(p)
     g = p.add_argument_group("config keys (each the same as --set KEY=VALUE)")
-    for key in leaves(config_class):
-        if "." not in key and f"--{key.replace('_', '-')}" not in p._option_string_actions:
-            g.add_argument(f"--{key.replace('_', '-')}", dest="overrides", metavar="VALUE",
-                           action=_Override, key=key)
+    for key, (_, typ) in leaves(config_class).items():
+        flag = f"--{key.replace('_', '-')}"
+        if "." not in key and flag not in p._option_string_actions:
+            g.add_argument(flag, dest="overrides", metavar="VALUE", action=_Override, key=key,
+                           **({"nargs": "?", "const": "true"} if typ is bool else {}))
     return p.parse_args(argv)
 
 
-class _Override(argparse.Action):
+class _Override(argparse.Action):  # --<key> VALUE -> one more "key=VALUE" in namespace.overrides
     def __init__(self, *args, key: str, **kwargs):
         self.key = key
         super().__init__(*args, **kwargs)

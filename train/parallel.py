@@ -13,9 +13,8 @@ Multi-host (several processes, e.g. one per machine): call :func:`initialize_dis
 by the ``--coordinator-address/--num-processes/--process-id`` flags of :func:`add_distributed_flags`
 or the ``JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID`` environment variables) before
 anything else touches JAX. Every process then builds the same global batch from the same seeded
-iterator, keeps only its own rows (:meth:`DataParallel.local_rows`, a pure function of the mesh)
-and assembles the global array with ``jax.make_array_from_process_local_data`` — no process
-ships data to another. Only :attr:`DataParallel.is_main` (process 0) writes logs, metrics,
+iterator and places only the rows of its own devices (:meth:`DataParallel.shard_batch`) — no
+process ships data to another. Only :attr:`DataParallel.is_main` (process 0) writes logs, metrics,
 checkpoints and figures; every process reads the checkpoint on resume. :mod:`train.engine` is the
 one user of this module (every training script runs through it).
 """
@@ -23,6 +22,7 @@ one user of this module (every training script runs through it).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,9 +56,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Start ``jax.distributed`` when a multi-process run is requested; returns whether it did.
 
     Arguments left None are read from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``. Nothing is requested (all unset, or ``num_processes == 1``) -> a plain
-    single-process run, returns False. A partial request is an error, as is calling this after
-    JAX has started its backend (``jax.distributed.initialize`` must come first).
+    ``JAX_PROCESS_ID``. Nothing requested (all unset, or ``num_processes == 1``): a plain
+    single-process run, False. A partial request is a ValueError naming what is missing; this
+    must run before JAX starts its backend.
     """
     environ = os.environ if environ is None else environ
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
@@ -71,16 +71,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                 raise ValueError(f"environment variable {ENV[key]}={raw!r} is not an integer") from None
     if all(v is None for v in given.values()) or given["num_processes"] == 1:
         return False
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-        raise ValueError(
-            "a multi-process run needs coordinator address, number of processes and process id; "
-            f"missing {missing} (flags --{missing[0].replace('_', '-')} or env {ENV[missing[0]]})")
-    n, pid = given["num_processes"], given["process_id"]
-    if n < 1 or not 0 <= pid < n:
-        raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got {n=} {pid=}")
-    jax.distributed.initialize(coordinator_address=given["coordinator_address"], num_processes=n,
-                               process_id=pid)
+    if missing := [k for k, v in given.items() if v is None]:
+        raise ValueError("a multi-process run needs coordinator address, number of processes and "
+                         f"process id; missing {missing} (flag --{missing[0].replace('_', '-')} or env "
+                         f"{ENV[missing[0]]})")
+    if not 0 <= given["process_id"] < given["num_processes"]:
+        raise ValueError(f"need 0 <= process_id < num_processes, got {given}")
+    jax.distributed.initialize(**given)
     return True
 
 
@@ -131,14 +128,6 @@ class DataParallel:
         return self.mesh.devices.size
 
     @property
-    def num_processes(self) -> int:
-        return jax.process_count()
-
-    @property
-    def process_index(self) -> int:
-        return jax.process_index()
-
-    @property
     def is_main(self) -> bool:
         """True on the one process that writes logs, metrics, summaries and figures."""
         return jax.process_index() == 0
@@ -155,12 +144,12 @@ class DataParallel:
 
     def check_batch(self, global_batch: int, name: str = "batch_size") -> None:
         """Raise ValueError unless ``global_batch`` splits evenly over devices and processes."""
-        for count, what in ((self.num_devices, "device count"), (self.num_processes, "process count")):
+        for count, what in ((self.num_devices, "device count"), (jax.process_count(), "process count")):
             if global_batch % count:
                 lo = global_batch // count * count
                 raise ValueError(
                     f"{name}={global_batch} (the global batch) is not divisible by the {what} "
-                    f"{count} (mesh of {self.num_devices} devices over {self.num_processes} "
+                    f"{count} (mesh of {self.num_devices} devices over {jax.process_count()} "
                     f"process(es)); use a multiple of {count}, e.g. {lo or count} or {lo + count}, "
                     "or change num_devices")
 
@@ -168,73 +157,46 @@ class DataParallel:
         """The smallest multiple of the device count >= ``batch`` (for padded, masked eval batches)."""
         return -(-batch // self.num_devices) * self.num_devices
 
-    def local_rows(self, global_batch: int) -> slice:
-        """The rows of a global batch whose data this process holds (contiguous by construction)."""
-        self.check_batch(global_batch)
-        index_map = self.batch_sharding.addressable_devices_indices_map((global_batch,))
-        starts = sorted(idx[0].start or 0 for idx in index_map.values())
-        stops = sorted(global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values())
-        lo, hi = starts[0], stops[-1]
-        if hi - lo != len(set(starts)) * (global_batch // self.num_devices):
-            raise RuntimeError(f"process {self.process_index} holds non-contiguous rows {starts}")
-        return slice(lo, hi)
-
     # --- placement -----------------------------------------------------------------------------
     def shard_batch(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-        """Global numpy batch arrays -> global ``jax.Array`` s sharded along axis 0.
+        """Global numpy batch arrays -> global ``jax.Array`` s sharded along axis 0 (a tuple).
 
-        Every process passes the *same* global batch (a pure function of seed and position); each
-        keeps its own rows only, so the host-to-device traffic per process is ``1 / processes`` of
-        the batch. Returns a tuple even for one array.
-        """
-        if not arrays:
-            raise ValueError("shard_batch needs at least one array")
-        b = int(np.shape(arrays[0])[0])
-        for a in arrays:
-            if np.shape(a)[0] != b:
-                raise ValueError(f"batch arrays disagree on the batch size: {[np.shape(x) for x in arrays]}")
-        rows = self.local_rows(b)
-        return tuple(jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a)[rows],
-                                                            np.shape(a))
-                     for a in arrays)
+        Every process passes the *same* global batch (a pure function of seed and position) and
+        places only the rows of its own devices (``jax.make_array_from_callback``)."""
+        sizes = {np.shape(a)[0] for a in arrays}
+        if len(sizes) != 1:
+            raise ValueError(f"batch arrays disagree on the batch size: {[np.shape(a) for a in arrays]}")
+        self.check_batch(sizes.pop())
+        return tuple(self.place(a, self.batch_sharding) for a in arrays)
 
     def replicate(self, tree: Any) -> Any:
         """Place a PyTree (numpy or JAX arrays, equal on every process) on every mesh device."""
-        sharding = self.replicated
+        return jax.tree.map(lambda x: self.place(x, self.replicated), tree)
 
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-        return jax.tree.map(put, tree)
+    @staticmethod
+    def place(x, sharding: NamedSharding) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     def jit(self, fn: Callable, *, batch_argnums: Sequence[int], donate_argnums: Sequence[int] = ()
             ) -> Callable:
         """``jax.jit(fn)`` with the positional arguments in ``batch_argnums`` sharded along the batch
-        axis and every other argument and every output replicated. ``fn`` may already be jitted
-        (the outer shardings then govern). One compiled function per argument count."""
-        batch_argnums = frozenset(batch_argnums)
-        compiled: dict[int, Callable] = {}
+        axis and every other argument and every output replicated, traced under the mesh (so batch
+        loops in the model stay per device); ``.lower(*args)`` for HLO inspection. ``fn`` may
+        already be jitted (the outer shardings then govern)."""
 
-        def jitted(n: int) -> Callable:
-            if n not in compiled:
-                if any(i >= n for i in batch_argnums):
-                    raise TypeError(f"batch_argnums {sorted(batch_argnums)} out of range for {n} arguments")
-                in_shardings = tuple(self.batch_sharding if i in batch_argnums else self.replicated
-                                     for i in range(n))
-                compiled[n] = jax.jit(fn, in_shardings=in_shardings, out_shardings=self.replicated,
-                                      donate_argnums=tuple(donate_argnums))
-            return compiled[n]
+        @functools.cache
+        def jitted(n: int) -> Callable:  # one compiled function per argument count
+            shardings = [self.batch_sharding if i in batch_argnums else self.replicated for i in range(n)]
+            return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=self.replicated,
+                           donate_argnums=tuple(donate_argnums))
 
-        def step(*args):
-            with jax.set_mesh(self.mesh):  # batch loops in the model then stay per device
-                return jitted(len(args))(*args)
+        def under_mesh(call: Callable) -> Callable:
+            def run(*args):
+                with jax.set_mesh(self.mesh):
+                    return call(jitted(len(args)), *args)
+            return run
 
-        def lower(*args):
-            """``jax.jit(...).lower`` under the mesh, as the step is traced (for HLO inspection)."""
-            with jax.set_mesh(self.mesh):
-                return jitted(len(args)).lower(*args)
-
-        step.lower = lower
-        step.compiled = compiled
+        step = under_mesh(lambda f, *args: f(*args))
+        step.lower = under_mesh(lambda f, *args: f.lower(*args))
         return step

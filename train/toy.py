@@ -179,7 +179,7 @@ def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
     for task in tasks:
         np.savez(workdir / f"{_name(task)}_eval.npz", **_evaluation_arrays(task, task.trained[0]))
     if tasks and all(t.config.figures for t in tasks):
-        from .toy_figures import make_figures
+        from .figures import make_figures
 
         make_figures(workdir, [(t.config.problem, t.config.model) for t in tasks])
 
