@@ -269,8 +269,9 @@ def run_toy(out: str, steps: int = 3, batch: int = 8) -> None:
                 mark(f"single-device step, loss {float(ref_loss):.6f}")
         np.savez(out + ".ref.npz", *[np.asarray(a) for a in jax.tree.leaves(ref)])
         ref_loss = float(ref_loss)
+    rows = str(dp.shard_batch(x)[0].addressable_shards[0].index[0])  # this process's part of the batch
     Path(out).write_text(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                                     "devices": jax.device_count(), "rows": str(dp.shard_batch(batches[0])[0].addressable_shards[0].index[0]),
+                                     "devices": jax.device_count(), "rows": rows,
                                      "loss": float(loss), "ref_loss": ref_loss}))
 
 

@@ -102,3 +102,26 @@ def test_eval_end_to_end(tmp_path):
     assert all(s["fid"] >= 0 for r in got.values() for s in r["samplers"].values())
     for name in ["orbit.png", "samples_ncode.png", "interpolation.png", "tsne.png", "results.md"]:
         assert (tmp_path / "eval" / name).exists(), name
+
+
+def test_flow_regularisers_enter_the_autoncode_loss_only(capsys):
+    """kinetic/jacobian add mean ∫ℓ dt to the AutoN-CODE training loss (reported as reg), leave the
+    evaluation model plain, and are refused for models without a latent flow."""
+    batch_key = jax.random.key(1)
+    losses = {}
+    for kw in [{}, {"kinetic": 0.01}, {"jacobian": 0.01}]:
+        task = autoencode.Task(tiny_config(model="ncode", **kw))
+        params, stats = task.init(jax.random.key(0))
+        batch = (task.train.images[:32],)
+        value_and_grad = jax.value_and_grad(task.loss, has_aux=True)
+        (loss, (metrics, _)), grads = value_and_grad(params, stats, batch, batch_key)
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+        assert task.model.running_cost is None  # held-out evaluation solves the plain flow
+        losses[tuple(kw)] = (float(loss), float(metrics.get("reg", 0.0)), float(metrics["recon"]))
+    (base, _, recon), (kin, kin_reg, kin_recon), (jac, jac_reg, _) = losses.values()
+    assert kin_recon == pytest.approx(recon) and kin_reg > 0 and jac_reg > 0
+    assert kin == pytest.approx(base + kin_reg, rel=1e-6) and jac == pytest.approx(base + jac_reg, rel=1e-6)
+    rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir",
+                          "/nonexistent/x", "--set", "model=ae", "--set", "kinetic=0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a latent flow; the AE has none" in err and len(err.splitlines()) == 1, err

@@ -104,7 +104,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     # run must replay them exactly
     cfg = build(toy.ToyConfig, dict(problem="reflection", model="open", steps=20, checkpoint_every=5,
                                     log_every=5, solver="rk4", dt=0.25, jacobian=0.05))
-    toy.train_one(cfg, tmp_path / "straight", progress=False)
+    engine.train(toy.Task, cfg, tmp_path / "straight" / "reflection_open", progress=False)
     _, straight = _final_params(tmp_path / "straight", "reflection_open")
 
     # Kill the run right after its second checkpoint (step 10).
@@ -118,10 +118,10 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        toy.train_one(cfg, tmp_path / "killed", progress=False)
+        engine.train(toy.Task, cfg, tmp_path / "killed" / "reflection_open", progress=False)
     monkeypatch.setattr(Checkpointer, "save", real_save)
     assert _final_params(tmp_path / "killed", "reflection_open")[0] == 10
-    toy.train_one(cfg, tmp_path / "killed", progress=False)
+    engine.train(toy.Task, cfg, tmp_path / "killed" / "reflection_open", progress=False)
     step, resumed = _final_params(tmp_path / "killed", "reflection_open")
     assert step == 20
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
@@ -133,5 +133,5 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [20]
 
     with pytest.raises(UserError, match="different configuration"):
-        toy.train_one(build(toy.ToyConfig, dict(problem="reflection", model="open", lr=0.5)),
-                      tmp_path / "killed", progress=False)
+        engine.train(toy.Task, build(toy.ToyConfig, dict(problem="reflection", model="open", lr=0.5)),
+                     tmp_path / "killed" / "reflection_open", progress=False)

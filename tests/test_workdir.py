@@ -29,6 +29,10 @@ def cfg(**kw):
     return build(toy.ToyConfig, {**TINY, **kw})
 
 
+def train_one(config, workdir):  # the one run of train.toy's layout: workdir/<problem>_<model>
+    return engine.train(toy.Task, config, workdir / "reflection_open", progress=False)
+
+
 def params(workdir):
     return jax.tree.leaves(engine.load_run(workdir / "reflection_open").params)
 
@@ -37,8 +41,8 @@ def params(workdir):
 def runs(tmp_path_factory):
     """An uninterrupted 6-step run and a run stopped after 4 steps (checkpoints 2 and 4 kept)."""
     root = tmp_path_factory.mktemp("runs")
-    toy.train_one(cfg(steps=6), root / "straight", progress=False)
-    toy.train_one(cfg(steps=4), root / "partial", progress=False)
+    train_one(cfg(steps=6), root / "straight")
+    train_one(cfg(steps=4), root / "partial")
     return root
 
 
@@ -65,11 +69,11 @@ def test_corrupt_checkpoint_falls_back_and_metrics_survive_a_torn_write(runs, tm
 
     monkeypatch.setattr(engine, "append_rows", torn)
     with pytest.raises(KeyboardInterrupt):
-        toy.train_one(cfg(steps=6), work, progress=False)
+        train_one(cfg(steps=6), work)
     err = capsys.readouterr().err
     assert "step_00000004 is damaged" in err and "from step 2 instead of damaged step(s) [4]" in err
     monkeypatch.setattr(engine, "append_rows", real)
-    toy.train_one(cfg(steps=6), work, progress=False)
+    train_one(cfg(steps=6), work)
     for a, b in zip(params(work), params(runs / "straight"), strict=True):
         np.testing.assert_array_equal(a, b)  # bit-identical to the uninterrupted run
     assert metrics.stat().st_size > size  # appended, never rewritten
@@ -83,7 +87,7 @@ def test_truncated_checkpoint_falls_back(runs, tmp_path, capsys):
     (latest / "arrays.npz").write_bytes(data[: len(data) // 3])
     assert engine.load_run(work / "reflection_open").step == 2
     assert "step_00000004 is damaged" in capsys.readouterr().err
-    toy.train_one(cfg(steps=6), work, progress=False)
+    train_one(cfg(steps=6), work)
     for a, b in zip(params(work), params(runs / "straight"), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -92,7 +96,7 @@ def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
     work, _ = _copy(runs, tmp_path)
     (work / "reflection_open" / "config.json").unlink()  # nothing left to compare but the arrays
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        toy.train_one(cfg(steps=6, hidden=5), work, progress=False)
+        train_one(cfg(steps=6, hidden=5), work)
     assert not (work / "reflection_open" / "config.json").exists()
 
 
@@ -104,7 +108,7 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by process {holder.pid} on "):
-            toy.train_one(cfg(steps=2), tmp_path, progress=False)
+            train_one(cfg(steps=2), tmp_path)
         with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
             engine.WorkdirLock(tmp_path / "reflection_open")
     finally:

@@ -15,12 +15,14 @@ Generation, FID and figures: ``python -m train.autoencode_eval --workdir <workdi
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax.numpy as jnp
 
+import ncode_jax as nc
 from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.models.autoencoder import LIKELIHOODS, MODEL_KINDS, MODEL_LABELS, autoencoder
 from ncode_jax.models.coders import ARCHITECTURES, architecture
@@ -48,6 +50,8 @@ class AutoencodeConfig(Config):
     lr: float = 1e-3
     solve: SolveConfig = SolveConfig(solver="rk4", dt=0.5, rtol=1e-4, atol=1e-6, t1=10.0)
     control_scale: float = 0.1
+    kinetic: float = 0.0  # AutoN-CODE: weight of ∫‖f‖² dt in the loss (Finlay et al. 2020; 0 = off)
+    jacobian: float = 0.0  # AutoN-CODE: weight of the Hutchinson estimate of ∫‖∂f/∂x‖²_F dt
     seed: int = 0
     data_dir: str | None = None
     train_split: str = "train"
@@ -64,7 +68,7 @@ class AutoencodeConfig(Config):
         check_range(self, ("epochs", "batch_size", "eval_batch_size", "log_every", "checkpoint_every",
                            "latent_dim", "kernel", "num_devices"), minimum=1)
         check_range(self, ("lr", "control_scale"), minimum=0, strict=True)
-        check_range(self, ("seed",), minimum=0)
+        check_range(self, ("seed", "kinetic", "jacobian"), minimum=0)
 
 
 class Task(engine.Task):
@@ -81,6 +85,9 @@ class Task(engine.Task):
                                                                        "adjoint")}
         self.model = autoencoder(c.model, arch, tuple(self.train.image_shape), likelihood=c.likelihood,
                                  control_scale=c.control_scale, **solve)
+        # training adds the flow regularisers as a running cost; evaluation solves without it
+        cost = nc.regularization(kinetic=c.kinetic, jacobian=c.jacobian)
+        self.train_model = dataclasses.replace(self.model, running_cost=cost)
 
     def init(self, key):
         variables = self.model.init(key)
@@ -90,7 +97,7 @@ class Task(engine.Task):
         return (batch.images,)
 
     def loss(self, params, extra, batch, key):
-        return self.model.loss({"params": params, "batch_stats": extra}, batch[0], train=True, key=key)
+        return self.train_model.loss({"params": params, "batch_stats": extra}, batch[0], train=True, key=key)
 
     def eval_sums(self, params, extra, images, labels, mask):
         out, _ = self.model.apply(self.variables(params, extra), images, train=False)
@@ -108,9 +115,7 @@ class Task(engine.Task):
 
 def train_and_evaluate(cfg: AutoencodeConfig, workdir: str | Path, *, progress: bool = True) -> dict:
     """Train one model in ``workdir`` (resuming), evaluate every epoch, return the summary."""
-    task = engine.make_task(Task, cfg)
-    summary = engine.train_and_evaluate(task, workdir, progress=progress)
-    return {**summary, "num_params": task.model.num_params(), "latent_dim": task.model.latent_dim}
+    return engine.train(Task, cfg, workdir, progress=progress)
 
 
 def results_table(summaries: list[dict]) -> str:

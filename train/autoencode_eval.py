@@ -40,7 +40,7 @@ from ncode_jax.metrics.fid import fid_from_features
 from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS
 
 from . import autoencode, figures
-from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides
+from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides, to_dict
 from .engine import error, load_run, parse_args
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
@@ -66,9 +66,9 @@ class Features:
             self.fn = lambda images: inception.inception_features(variables, images)
             self.name = "FID"
         elif dataset in DIGIT_SETS:
-            from .digit_features import load_or_train
+            from .digit_features import train_extractor
 
-            extractor = load_or_train(workdir / "digit_features", dataset, data_dir=data_dir)
+            extractor = train_extractor(workdir / "digit_features", dataset, data_dir=data_dir)
             self.fn = extractor.features
             self.name = DIGIT_FID
             self.info = extractor.info
@@ -148,45 +148,43 @@ def results_table(results: list[dict], components) -> str:
     return "\n".join(lines)
 
 
-def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: int = 10000,
-        fit_split: str = "train", kde_bandwidth=None, inception_weights=None, seed: int = 0,
-        n_figure: int = 8, tsne_points: int = 1000, allow_unfinished: bool = False) -> list[dict]:
+def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
-    unless ``allow_unfinished``, and then labelled UNFINISHED in every output."""
-    dirs = model_dirs(workdir, models)
+    unless ``cfg.allow_unfinished``, and then labelled UNFINISHED in every output."""
+    dirs = model_dirs(workdir, cfg.models)
     record = json.loads((dirs[0] / "config.json").read_text())
     if record.get("task") != "autoencode":
         raise UserError(f"{dirs[0]}/config.json was not written by this version of train.autoencode")
     cfg0 = build(autoencode.AutoencodeConfig, record["config"])
     data = autoencode.Task(cfg0)
     train, test = data.train, data.test
-    n_fit = test.num_examples if fit_split == "test" else train.num_examples
-    too_many = [k for k in components if k > n_fit]
+    n_fit = test.num_examples if cfg.fit_split == "test" else train.num_examples
+    too_many = [k for k in cfg.components if k > n_fit]
     if too_many:
         raise ValueError(f"cannot fit Gaussian mixtures with {too_many} components to the {n_fit} latent "
-                         f"codes of the {fit_split} split: use at most {n_fit} components")
+                         f"codes of the {cfg.fit_split} split: use at most {n_fit} components")
     runs = {d: load_run(d) for d in dirs}
     unfinished = [f"{d.name} (step {r.step} of {r.task.total_steps})" for d, r in runs.items()
                   if not r.finished]
-    if unfinished and not allow_unfinished:
+    if unfinished and not cfg.allow_unfinished:
         raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
                         "to finish them, or pass --allow-unfinished to evaluate them labelled as such")
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    features = Features(workdir, cfg0.dataset, cfg0.data_dir, inception_weights)
+    features = Features(workdir, cfg0.dataset, cfg0.data_dir, cfg.inception_weights)
     real_feats = features(test.images) if features.name is not None else None
     results, arrays = [], {}
     for d in dirs:
         print(f"evaluating {d.name} ...", file=sys.stderr, flush=True)
-        res, arr = evaluate_model(runs[d], train, test, features, real_feats, components=components,
-                                  n_samples=n_samples, fit_split=fit_split, kde_bandwidth=kde_bandwidth,
-                                  seed=seed)
+        res, arr = evaluate_model(runs[d], train, test, features, real_feats, components=cfg.components,
+                                  n_samples=cfg.samples, fit_split=cfg.fit_split,
+                                  kde_bandwidth=cfg.kde_bandwidth, seed=cfg.seed)
         results.append(res)
         arrays[d.name] = arr
         figures.plot_rows(f"{res['label']}: random samples per latent sampler", arr["samples"],
-                  out / f"samples_{d.name}.png")
+                          out / f"samples_{d.name}.png")
     # figures
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(test.num_examples, size=n_figure, replace=False)
     if "ncode" in arrays:
         a = arrays["ncode"]
@@ -202,24 +200,23 @@ def run(workdir: Path, *, models=None, components=(10, 100, 1000), n_samples: in
             imgs = np.asarray(a["model"].decode(a["variables"], jnp.asarray(z)))
             interp[f"{MODEL_LABELS[name]} (pair {p + 1})"] = imgs
     figures.plot_rows("linear interpolation between the latent codes of two held-out images", interp,
-              out / "interpolation.png", cols=10)
+                      out / "interpolation.png", cols=10)
     from sklearn.manifold import TSNE
 
-    sub = rng.choice(test.num_examples, size=min(tsne_points, test.num_examples), replace=False)
+    sub = rng.choice(test.num_examples, size=min(cfg.tsne_points, test.num_examples), replace=False)
     panels = {}
     for name, a in arrays.items():
         t_tsne = time.perf_counter()
         codes = a["codes_test"][sub]
-        emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(codes)
+        emb = TSNE(n_components=2, init="pca", random_state=cfg.seed, perplexity=30).fit_transform(codes)
         panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
         print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
     figures.plot_tsne(panels, out / "tsne.png")
-    meta = {"workdir": str(workdir), "unfinished": unfinished, "n_samples": n_samples,
-            "components": list(components), "fit_split": fit_split, "test_examples": test.num_examples,
-            "fid_name": features.name,
-            "feature_extractor": getattr(features, "info", None), "results": results}
+    meta = {"workdir": str(workdir), "unfinished": unfinished, **to_dict(cfg), "fid_name": features.name,
+            "test_examples": test.num_examples, "feature_extractor": getattr(features, "info", None),
+            "results": results}
     (out / "eval.json").write_text(json.dumps(meta, indent=2))
-    (out / "results.md").write_text(results_table(results, components) + "\n")
+    (out / "results.md").write_text(results_table(results, cfg.components) + "\n")
     return results
 
 
@@ -250,10 +247,7 @@ def main(argv=None) -> int:
     args = parse_args(argv, doc=__doc__, config_class=EvalConfig, default_config="", training=False)
     try:
         cfg = build(EvalConfig, parse_overrides(args.overrides))
-        results = run(Path(args.workdir), models=cfg.models, components=cfg.components,
-                      n_samples=cfg.samples, fit_split=cfg.fit_split, kde_bandwidth=cfg.kde_bandwidth,
-                      inception_weights=cfg.inception_weights, seed=cfg.seed,
-                      tsne_points=cfg.tsne_points, allow_unfinished=cfg.allow_unfinished)
+        results = run(Path(args.workdir), cfg)
     except (ValueError, FileNotFoundError) as e:
         return error(e, 2)
     print(results_table(results, cfg.components))

@@ -73,10 +73,6 @@ class Checkpointer:
         return sorted((int(p.name[5:]) for p in self.directory.glob("step_*") if p.name[5:].isdigit()),
                       reverse=True)
 
-    def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[0] if steps else None
-
     def save(self, step: int, state: Any) -> None:
         """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``; returns once it is
         committed. Raises :class:`CheckpointError` naming the directory if it cannot be written."""

@@ -23,12 +23,10 @@ import optax
 import ncode_jax as nc
 from ncode_jax.data.augment import random_shift
 from ncode_jax.data.images import KNOWN_DATASETS
-from ncode_jax.models.image import IMAGE_KINDS, image_classifier
+from ncode_jax.models.image import FLOW_LABELS, IMAGE_KINDS, image_classifier
 
 from . import engine
 from .config import Config, SolveConfig, check_choice, check_range
-
-LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
 @dataclass(frozen=True)
@@ -141,12 +139,12 @@ def make_optimizer(cfg: ClassifyConfig, total_steps: int) -> optax.GradientTrans
 
 def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bool = True) -> dict:
     """Train one model in ``workdir`` (resuming), evaluate every epoch, return the summary."""
-    return engine.train_and_evaluate(engine.make_task(Task, cfg), workdir, progress=progress)
+    return engine.train(Task, cfg, workdir, progress=progress)
 
 
 def results_table(summaries: list[dict]) -> str:
     header = ["model", "test accuracy", "NFE (forward, eval)", "wall time (s)", "steps", "parameters"]
-    return engine.markdown_table(header, [[LABELS[s["model"]], f"{100 * s['test_accuracy']:.2f}%",
+    return engine.markdown_table(header, [[FLOW_LABELS[s["model"]], f"{100 * s['test_accuracy']:.2f}%",
                                            f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.0f}", s["steps"],
                                            f"{s['num_params']:,}"] for s in summaries])
 
@@ -154,7 +152,7 @@ def results_table(summaries: list[dict]) -> str:
 def report(workdir: Path, tasks, summaries: list[dict]) -> None:
     from .figures import classification_curves
 
-    classification_curves(workdir, [s["model"] for s in summaries], LABELS)
+    classification_curves(workdir, [s["model"] for s in summaries])
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@
 
 writes the run and ``extractor.npz``. AdamW, cosine-decayed learning rate, cross-entropy, images
 shifted by up to ``random_shift`` pixels (``None``: ``round(min(H, W) / 20)``: 1 on 28×28, 0 on
-8×8), a pure function of ``(seed, step)``. ``train.autoencode_eval`` calls :func:`load_or_train`.
+8×8), a pure function of ``(seed, step)``. ``train.autoencode_eval`` calls :func:`train_extractor`.
 """
 
 from __future__ import annotations
@@ -110,18 +110,14 @@ class Task(engine.Task):
 
 def train_extractor(workdir: str | Path, dataset: str = "mnist5k", *, progress: bool = False,
                     **overrides) -> DigitFeatureExtractor:
-    """Train (or resume, or just load when finished) the extractor in ``workdir``."""
+    """Train (or resume, or just load when finished) the extractor in ``workdir``; ``overrides``
+    are :class:`DigitFeaturesConfig` keys."""
     task = engine.make_task(Task, build(DigitFeaturesConfig, {"dataset": dataset, **overrides}))
     summary = engine.train_and_evaluate(task, workdir, progress=progress)
     info = {**engine.to_dict(task.config), **task.row(), "split": task.config.train_split,
             "num_train": summary["train_examples"], "random_shift": task.shift, "steps": summary["steps"],
             "test_accuracy": summary["test_accuracy"], "train_seconds": summary["wall_time_s"]}
     return task.variables(*task.trained, info=info)
-
-
-def load_or_train(workdir: str | Path, dataset: str, *, data_dir: str | None = None) -> DigitFeatureExtractor:
-    """The extractor of the run in ``workdir``, training it first if it is not finished."""
-    return train_extractor(workdir, dataset, data_dir=data_dir)
 
 
 def report(workdir: Path, tasks, summaries) -> None:

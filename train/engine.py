@@ -406,21 +406,36 @@ def expand(raw: dict, sweep: dict[str, tuple]) -> list[dict]:
     return out
 
 
+def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir, table, report=None,
+                progress: bool = True) -> list[dict]:
+    """Train every config (``workdir / subdir(task)`` each, under a lock on ``workdir``), then write
+    ``summary.json`` and ``results.md`` (``table(summaries)``) and call ``report``."""
+    tasks = [make_task(task_class, c) for c in configs]
+    summaries = run_all(tasks, workdir, subdir=subdir, progress=progress)
+    if jax.process_index() == 0:
+        _write_json(Path(workdir) / "summary.json", summaries)
+        (Path(workdir) / "results.md").write_text(table(summaries) + "\n")
+        if report is not None:
+            report(Path(workdir), tasks, summaries)
+    return summaries
+
+
+def train(task_class, config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Train one config of ``task_class`` in ``workdir`` (resuming) and return its summary."""
+    return train_and_evaluate(make_task(task_class, config), workdir, progress=progress)
+
+
 def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None, **defaults) -> int:
-    """The command line of a training script: parse, validate, train every config, then write
-    ``summary.json`` and ``results.md`` (``table(summaries)``), print the table, ``report``."""
+    """The command line of a training script: parse, validate, :func:`run_configs` every config
+    (``sweep`` keys given as ``all`` or a comma list expand), print the table."""
     args = parse_args(argv, doc=doc, config_class=task_class.config_class, **defaults)
     try:
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
         configs = [build(task_class.config_class, r) for r in expand(raw, sweep)]
-        tasks = [make_task(task_class, c) for c in configs]
-        summaries = run_all(tasks, args.workdir, subdir=subdir, progress=not args.no_progress)
+        summaries = run_configs(task_class, configs, args.workdir, subdir=subdir, table=table, report=report,
+                                progress=not args.no_progress)
         if jax.process_index() == 0:
-            _write_json(Path(args.workdir) / "summary.json", summaries)
-            (Path(args.workdir) / "results.md").write_text(table(summaries) + "\n")
-            if report is not None:
-                report(Path(args.workdir), tasks, summaries)
             print(table(summaries) + f"\n\nwrote {args.workdir}/summary.json, results.md and the runs")
     except (UserError, ValueError) as e:
         return error(e, 2)

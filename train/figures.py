@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ncode_jax.models.image import FLOW_LABELS as LABELS  # noqa: E402
+
 from .engine import read_metrics  # noqa: E402
 
 
@@ -21,10 +23,6 @@ def save(fig, out: Path, dpi: int = 110) -> Path:
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
-
-
-LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open loop",
-          "closed": "N-CODE closed loop"}
 
 
 def reflection_trajectories(workdir: Path, models: list[str]) -> Path:
@@ -90,14 +88,14 @@ def training_curves(workdir: Path) -> Path:
     return save(fig, workdir / "training_curves.png")
 
 
-def classification_curves(workdir: Path, models: list[str], labels: dict[str, str]) -> Path:
+def classification_curves(workdir: Path, models: list[str]) -> Path:
     """Held-out accuracy and NFE per epoch of each ``<workdir>/<model>/metrics.jsonl``."""
     fig, (ax_acc, ax_nfe) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m in models:
         rows = [r for r in read_metrics(workdir / m / "metrics.jsonl") if r["kind"] == "eval"]
         ep = [r["epoch"] for r in rows]
-        ax_acc.plot(ep, [100 * r["test_accuracy"] for r in rows], "o-", label=labels[m])
-        ax_nfe.plot(ep, [r["test_nfe"] for r in rows], "o-", label=labels[m])
+        ax_acc.plot(ep, [100 * r["test_accuracy"] for r in rows], "o-", label=LABELS[m])
+        ax_nfe.plot(ep, [r["test_nfe"] for r in rows], "o-", label=LABELS[m])
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy")
     ax_nfe.set(xlabel="epoch", ylabel="NFE per forward solve", title="function evaluations")
     ax_acc.legend()

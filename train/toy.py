@@ -24,13 +24,13 @@ import optax
 import ncode_jax as nc
 from ncode_jax.data import toy as toy_data
 from ncode_jax.models import FlowClassifier
+from ncode_jax.models.image import FLOW_LABELS
 
 from . import engine
 from .config import Config, SolveConfig, check_choice, check_range
 
 PROBLEMS = ("reflection", "annuli")
 MODELS = ("node", "anode", "open", "closed")
-LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
 @dataclass(frozen=True)
@@ -161,18 +161,13 @@ def _evaluation_arrays(task: Task, params) -> dict[str, np.ndarray]:
 def results_table(summaries: list[dict]) -> str:
     header = ["problem", "model", "held-out metric", "NFE (forward)", "train time (s, with compile)", "steps"]
     return engine.markdown_table(header, [
-        [s["problem"], LABELS[s["model"]], f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
+        [s["problem"], FLOW_LABELS[s["model"]], f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
          else f"accuracy {100 * s['test_accuracy']:.1f}%", f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.1f}",
          s["steps"]] for s in summaries])
 
 
 def _name(task: Task) -> str:
     return f"{task.config.problem}_{task.config.model}"
-
-
-def train_one(cfg: ToyConfig, workdir: str | Path, *, progress: bool = True) -> dict:  # one run, resumed
-    task = engine.make_task(Task, cfg)
-    return engine.train_and_evaluate(task, Path(workdir) / _name(task), progress=progress)
 
 
 def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
@@ -185,12 +180,9 @@ def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
 
 
 def train_and_evaluate(configs: list[ToyConfig], workdir: str | Path, *, progress: bool = True) -> list[dict]:
-    tasks = [engine.make_task(Task, c) for c in configs]
-    summaries = engine.run_all(tasks, workdir, subdir=_name, progress=progress)
-    engine._write_json(Path(workdir) / "summary.json", summaries)
-    (Path(workdir) / "results.md").write_text(results_table(summaries) + "\n")
-    report(Path(workdir), tasks, summaries)
-    return summaries
+    """Every (problem, model) run in ``workdir / <problem>_<model>``, then the tables and figures."""
+    return engine.run_configs(Task, configs, workdir, subdir=_name, table=results_table, report=report,
+                              progress=progress)
 
 
 def main(argv=None) -> int:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..dynamics import Dynamics
 from ..fields import SparseLinearField
+from ..regularizers import regularizer_args
 from ..solve import Solution, solve
 from .coders import Architecture
 
@@ -83,6 +84,7 @@ class Autoencoder:
     adjoint: str = "checkpoint"
     offsets: tuple[int, ...] = (0, 1)
     control_scale: float = 0.1
+    running_cost: Any = None  # AutoN-CODE only: a running cost ℓ on the latent flow (regularizers)
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
@@ -90,6 +92,9 @@ class Autoencoder:
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {self.likelihood!r}; choose one of {list(LIKELIHOODS)}")
         self.arch.check_image_shape(tuple(self.image_shape))
+        if self.running_cost is not None and self.kind != "ncode":
+            raise ValueError(f"a running cost (flow regulariser) needs a latent flow; the "
+                             f"{MODEL_LABELS[self.kind]} has none: set kinetic=0 and jacobian=0")
         if not self.t1 > 0 or not self.control_scale > 0:
             raise ValueError(f"need t1 > 0 and control_scale > 0, got {self.t1}, {self.control_scale}")
 
@@ -186,17 +191,18 @@ class Autoencoder:
             return out, upd["batch_stats"]
         return self.decoder.apply(v, z, train=train), stats
 
-    def flow(self, theta: Float[Array, "B P"], ts: Array | None = None) -> Solution:
+    def flow(self, theta: Float[Array, "B P"], ts: Array | None = None, cost_args=None) -> Solution:
         """Solve ``dx/dt = A(θ) x`` from ``x(0) = 1`` on ``[0, t1]``; ``x`` is ``(B, n)`` at
-        ``t1`` or ``(len(ts), B, n)`` at ``ts``."""
+        ``t1`` or ``(len(ts), B, n)`` at ``ts``; ``sol.cost`` is ``∫ ℓ dt`` of ``running_cost``."""
         x0 = jnp.broadcast_to(self.x0.astype(theta.dtype), (theta.shape[0], self.latent_dim))
-        return solve(Dynamics(self.field), x0, theta, t1=self.t1, ts=ts, solver=self.solver,
-                     dt=self.dt, rtol=self.rtol, atol=self.atol, adjoint=self.adjoint)
+        return solve(Dynamics(self.field, running_cost=self.running_cost), x0, theta, {"cost": cost_args},
+                     t1=self.t1, ts=ts, solver=self.solver, dt=self.dt, rtol=self.rtol, atol=self.atol,
+                     adjoint=self.adjoint)
 
     def _latent(self, enc, *, key=None, ts=None):
         n = self.latent_dim
         if self.kind == "ncode":
-            sol = self.flow(enc, ts)
+            sol = self.flow(enc, ts, regularizer_args(self.running_cost, key))
             return sol.x, sol
         if self.kind == "vae":
             mean, logvar = enc[:, :n], enc[:, n:]
@@ -271,9 +277,13 @@ class Autoencoder:
             kl = 0.5 * jnp.sum(jnp.exp(logvar) + mean**2 - 1.0 - logvar, axis=-1)
         mse = jnp.mean((self.output_images(out.recon) - images) ** 2)
         metrics = {"recon": rec.mean(), "kl": kl.mean(), "mse": mse}
+        loss = jnp.mean(rec + kl)
         if out.solution is not None:
             metrics["nfe"] = out.solution.stats["nfe"]
-        return jnp.mean(rec + kl), (metrics, stats)
+        if self.running_cost is not None:  # the flow regularisers (probes drawn from key)
+            metrics["reg"] = jnp.mean(out.solution.cost)
+            loss = loss + metrics["reg"]
+        return loss, (metrics, stats)
 
 
 def autoencoder(kind: str, arch: Architecture, image_shape: tuple[int, int, int], **options) -> Autoencoder:

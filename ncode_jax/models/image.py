@@ -14,6 +14,8 @@ from ..ncode import NCODE
 from .classifier import FlowClassifier
 
 IMAGE_KINDS = ("node", "anode", "open", "closed")
+#: display names of the four flow models (tables and figures)
+FLOW_LABELS = {"node": "NODE", "anode": "ANODE", "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
 def image_classifier(
