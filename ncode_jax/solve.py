@@ -194,6 +194,24 @@ class SolveConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _stored_steps(term, solver, t0, t1, dt0, n: int, z0, args) -> tuple[State, dict]:
+    """``n`` fixed steps of ``solver`` from ``t0`` (the last one ending exactly at ``t1``) as one
+    ``lax.scan`` of its own ``step``: the state at ``t1`` and diffrax-style stats. Reverse mode
+    stores every stage's residuals (memory O(n)); nothing is recomputed."""
+    state = solver.init(term, t0, t0 + dt0, z0, args)
+
+    def body(carry, k):
+        z, solver_state = carry
+        ta = t0 + k * dt0
+        tb = jnp.where(k == n - 1, t1, t0 + (k + 1) * dt0)
+        z, _, _, solver_state, _ = solver.step(term, ta, tb, z, args, solver_state, made_jump=False)
+        return (z, solver_state), None
+
+    (z, _), _ = jax.lax.scan(body, (z0, state), jnp.arange(n, dtype=jnp.asarray(t0).dtype))
+    steps = jnp.asarray(n, jnp.int32)
+    return z, {"num_steps": steps, "num_accepted_steps": steps, "num_rejected_steps": jnp.zeros_like(steps)}
+
+
 def _adjoint(name: str, checkpoints: int | None, backward_controller, throw: bool) -> diffrax.AbstractAdjoint:
     if name == "checkpoint":
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
@@ -489,7 +507,11 @@ def solve(
           the exact gradient of the discrete solve that was computed (it matches central finite
           differences to ~1e-9 in float64, ``tests/test_gradients.py``). Memory grows with the
           number of steps (O(log n) checkpoints, recomputing the rest); ``checkpoints=n`` stores
-          ``n`` states instead (``checkpoints >= steps`` recomputes nothing).
+          ``n`` states instead. With fixed steps that divide the interval, ``checkpoints >=``
+          their number and no ``ts``,
+          the solve is one ``lax.scan`` of the solver's step that stores every stage's residuals
+          and recomputes nothing (diffrax's checkpointed loop evaluates each step's forward
+          three times in a training step; ``benchmarks/README.md`` has the timings).
         * ``backsolve`` (optimise-then-discretise, the continuous adjoint of Chen et al. 2018,
           used by the paper): O(1) memory in the number of steps, but it re-solves the state
           backwards and integrates the adjoint ODE with the same method, so its gradient is an
@@ -560,16 +582,26 @@ def solve(
         )
 
     dtype = x0.dtype
+    # known at trace time? (asked before jnp.asarray, which under jit returns a tracer)
+    static_times = _is_concrete(t0) and _is_concrete(t1)
+    if static_times:  # rounded to the state's dtype, as the solve sees them
+        t0_, t1_ = (float(np.asarray(t, dtype)) for t in (t0, t1))
+    forward = t1_ > t0_ if static_times else None
     t0 = jnp.asarray(t0, dtype)
     t1 = jnp.asarray(t1, dtype)
     ts = None if ts is None else jnp.asarray(ts, dtype)
-    static_times = _is_concrete(t0) and _is_concrete(t1)
-    forward = bool(t1 > t0) if static_times else None
+    fixed_steps, divides = None, False  # the number of fixed steps, when known at trace time
+    if dt is not None and static_times:
+        span = abs(t1_ - t0_)
+        fixed_steps = max(1, math.ceil(span / dt - 1e-9))
+        divides = abs(fixed_steps * dt - span) <= 1e-9 * max(1.0, span)  # diffrax shortens other grids
     if max_steps is None:
-        if dt is not None and static_times:
-            max_steps = max(1, math.ceil(abs(float(t1) - float(t0)) / dt - 1e-9))
-        else:
-            max_steps = DEFAULT_ADAPTIVE_MAX_STEPS
+        max_steps = fixed_steps if fixed_steps is not None else DEFAULT_ADAPTIVE_MAX_STEPS
+    # checkpoint adjoint, fixed steps, every step checkpointed and nothing saved but x(t1): one
+    # lax.scan of the solver's own step, differentiated by JAX with every stage's residuals stored
+    # (diffrax's checkpointed loop runs each step's forward three times in a training step)
+    store_all = (adjoint == "checkpoint" and fixed_steps is not None and divides and ts is None
+                 and checkpoints is not None and checkpoints >= fixed_steps and max_steps >= fixed_steps)
     if dt is None:
         dt0 = None
     elif forward is None:
@@ -644,21 +676,28 @@ def solve(
     def one_system(x0_, theta0_):
         z0, theta_const = dynamics.initial_state(x0_, theta0_)
         args = {"theta": theta_const, "feedback": feedback, "cost": cost_args}
-        sol = diffrax.diffeqsolve(
-            term, info.make(), t0, t1, dt0, z0, args,
-            saveat=saveat, stepsize_controller=_Monitor(controller), adjoint=adj,
-            max_steps=max_steps, throw=False,
-        )
-        ys: State = sol.ys if ts is not None else jax.tree.map(lambda a: a[0], sol.ys)
-        _, nonfinite, t_now, last_dt = sol.controller_state
-        t_now = t_now * jnp.sign(t1 - t0)  # the monitor sees diffrax's direction-normalised times
-        ok = sol.result == diffrax.RESULTS.successful
-        bad_ys = _not_finite(ys)
+        if store_all:
+            ys, sol_stats = _stored_steps(term, info.make(), t0, t1, dt0, fixed_steps, z0, args)
+            bad_ys = _not_finite(ys)
+            ok, nonfinite, t_now, last_dt = ~bad_ys, bad_ys, t1, dt0
+            result = diffrax.RESULTS.successful  # a NaN state is named through nonfinite and bad_ys
+        else:
+            sol = diffrax.diffeqsolve(
+                term, info.make(), t0, t1, dt0, z0, args,
+                saveat=saveat, stepsize_controller=_Monitor(controller), adjoint=adj,
+                max_steps=max_steps, throw=False,
+            )
+            ys: State = sol.ys if ts is not None else jax.tree.map(lambda a: a[0], sol.ys)
+            sol_stats, result = sol.stats, sol.result
+            _, nonfinite, t_now, last_dt = sol.controller_state
+            t_now = t_now * jnp.sign(t1 - t0)  # the monitor sees diffrax's direction-normalised times
+            ok = result == diffrax.RESULTS.successful
+            bad_ys = _not_finite(ys)
         # a rejected non-finite candidate the solver recovered from is no failure
         nonfinite = nonfinite & (~ok | bad_ys)
-        mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol.stats["num_accepted_steps"], 1)
+        mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol_stats["num_accepted_steps"], 1)
         collapsed = ~ok & ~nonfinite & (jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step)
-        budget_out = (sol.result == diffrax.RESULTS.max_steps_reached) & ~nonfinite & ~collapsed
+        budget_out = (result == diffrax.RESULTS.max_steps_reached) & ~nonfinite & ~collapsed
         if throw:
             ys = _guard(ys, [  # in order: the first true one names the cause
                 (nonfinite,
@@ -678,13 +717,13 @@ def solve(
                 (~ok, "ncode_jax.solve: diffrax could not finish the solve"),
                 (bad_ys, "ncode_jax.solve: the solution contains NaN or inf"),
             ])
-        n = sol.stats["num_steps"]
+        n = sol_stats["num_steps"]
         code = jnp.where(ok & ~bad_ys, RESULT_CODES["successful"],
                          jnp.where(budget_out, RESULT_CODES["max_steps_reached"], RESULT_CODES["failed"]))
         stats = {
             "num_steps": n,
-            "num_accepted_steps": sol.stats["num_accepted_steps"],
-            "num_rejected_steps": sol.stats["num_rejected_steps"],
+            "num_accepted_steps": sol_stats["num_accepted_steps"],
+            "num_rejected_steps": sol_stats["num_rejected_steps"],
             "nfe": nfe_count(solver, n),
             "result": code.astype(jnp.int32),
         }
