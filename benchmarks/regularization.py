@@ -17,6 +17,7 @@ the load average.
 
     python -m benchmarks.regularization [--steps 200] [--problems annuli reflection]
         [--solver dopri5] [--adjoint backsolve] [--weights 0.01 0.1] [--tag ...]
+    python -m benchmarks.regularization --from-runs W1 W2 ... --tag _mnist5k   # classify runs
 
 Writes ``benchmarks/results/regularization<tag>.json`` and ``.png`` (NFE vs training step).
 """
@@ -203,8 +204,54 @@ def plot(results, path, title):
     plt.close(fig)
 
 
+def plot_runs(workdirs: list[str], path) -> list[dict]:
+    """Forward NFE per training step and held-out accuracy of ``train.classify`` runs (one
+    ``<workdir>/<model>/`` each; labelled by their ``kinetic``/``jacobian`` weights), from their
+    ``metrics.jsonl``: the figure for runs too long for this script (``mnist5k_cpu``)."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.engine import read_metrics
+
+    fig, (ax_nfe, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
+    rows = []
+    for wd in workdirs:
+        (run,) = [d for d in Path(wd).iterdir() if (d / "config.json").exists()]
+        cfg = json.loads((run / "config.json").read_text())["config"]
+        summary = json.loads((run / "summary.json").read_text())
+        metrics = read_metrics(run / "metrics.jsonl")
+        train = [r for r in metrics if r["kind"] == "train"]
+        evals = [r for r in metrics if r["kind"] == "eval"]
+        label = ", ".join(f"{k} {cfg[k]:g}" for k in ("kinetic", "jacobian") if cfg.get(k)) or "none"
+        ax_nfe.plot([r["step"] for r in train], [r["nfe"] for r in train], lw=1.2,
+                    label=f"{label} (held-out NFE {summary['test_nfe']:.0f})")
+        ax_acc.plot([r["step"] for r in evals], [100 * r["test_accuracy"] for r in evals], "o-",
+                    label=f"{label} ({100 * summary['test_accuracy']:.1f}%, {summary['wall_time_s']:.0f} s)")
+        rows.append({"workdir": wd, "regulariser": label, "test_accuracy": summary["test_accuracy"],
+                     "test_nfe": summary["test_nfe"], "wall_time_s": summary["wall_time_s"],
+                     "mean_train_nfe": float(np.mean([r["nfe"] for r in train])), "steps": summary["steps"]})
+    ax_nfe.set(xlabel="training step", ylabel="forward NFE (logged steps)",
+               title="forward NFE per training step")
+    ax_acc.set(xlabel="training step", ylabel="held-out accuracy (%)", title="held-out accuracy")
+    for a in (ax_nfe, ax_acc):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--from-runs", nargs="+", metavar="WORKDIR",
+                   help="only draw NFE vs step of finished train.classify runs (e.g. mnist5k_cpu with "
+                        "--set kinetic=...) into regularization<tag>.png")
     p.add_argument("--problems", nargs="+", default=["annuli", "reflection"],
                    choices=["annuli", "reflection"])
     p.add_argument("--regs", nargs="+", default=["none", "kinetic", "jacobian"],
@@ -225,6 +272,14 @@ def main(argv=None):
     p.add_argument("--tail", type=int, default=20, help="steps averaged for the end-of-training NFE")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    if args.from_runs:
+        png = RESULTS / f"regularization{args.tag}.png"
+        rows = plot_runs(args.from_runs, png)
+        out = write_results(f"regularization{args.tag}", {"runs": rows})
+        for r in rows:
+            print(r)
+        print(f"wrote {out} and {png}")
+        return
     load_start = os.getloadavg()
     results = []
     for prob_name in args.problems:

@@ -432,6 +432,7 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
     try:
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
+        parallel.ensure_cpu_devices(raw.get("num_devices"))  # before the configs touch JAX
         configs = [build(task_class.config_class, r) for r in expand(raw, sweep)]
         summaries = run_configs(task_class, configs, args.workdir, subdir=subdir, table=table, report=report,
                                 progress=not args.no_progress)

@@ -86,6 +86,23 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
     return initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
 
+def ensure_cpu_devices(num_devices) -> None:
+    """Let ``num_devices`` CPU devices exist (``jax_num_cpu_devices``) when more than one is asked
+    for, nothing has set the count (``XLA_FLAGS=--xla_force_host_platform_device_count``) and JAX
+    has not started its backends: on a CPU machine ``num_devices=2`` then runs one per-image loop
+    per core. It changes nothing on GPU/TPU backends, whose devices are the accelerators."""
+    try:
+        n = int(num_devices)
+    except (TypeError, ValueError):
+        return  # None (all devices) or a mistake the config will name
+    unset = jax.config.jax_num_cpu_devices == -1 and "device_count" not in os.environ.get("XLA_FLAGS", "")
+    if n > 1 and unset:
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # backends already started (e.g. inside a test): keep what exists
+            pass
+
+
 def select_devices(num_devices: int | None = None) -> list:
     """The devices of the mesh, ordered process by process.
 

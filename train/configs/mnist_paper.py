@@ -24,7 +24,7 @@ def get_config() -> dict:
     config = _cpu()
     config.update(dataset="mnist", epochs=10, batch_size=128, eval_batch_size=500, lr=1e-3,
                   hidden=50, augment=10, solver="dopri5", dt=None, rtol=1e-3, atol=1e-4, adjoint="backsolve",
-                  checkpoint_every=200)
+                  checkpoints=None, checkpoint_every=200)
     # the paper's training: no augmentation, constant learning rate, read-out of the whole state
     config.update(random_shift=0, lr_schedule="constant", warmup_steps=0, weight_decay=0.0, pool=1)
     return config
