@@ -223,3 +223,17 @@ def test_batch_loops_under_a_mesh_equal_plain_loops():
     np.testing.assert_allclose(np.asarray(m), np.asarray(plain_map))
     np.testing.assert_allclose(np.asarray(s), np.asarray(plain_sum))
     np.testing.assert_allclose(np.asarray(s), 1 + (xs**2).sum(0))
+
+
+def test_num_devices_creates_cpu_devices_in_a_fresh_process():
+    """``--set num_devices=2`` on a CPU machine needs no XLA_FLAGS: the engine asks JAX for 2 CPU
+    devices before its backend starts; a count set by XLA_FLAGS is left alone."""
+    code = ("from train import parallel; parallel.ensure_cpu_devices({n!r}); import jax; "
+            "print(jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
+    for n, flags, want in [(2, "", "2"), (None, "", "1"), ("abc", "", "1"),
+                           (2, "--xla_force_host_platform_device_count=3", "3")]:
+        out = subprocess.run([sys.executable, "-c", code.format(n=n)], cwd=ROOT, text=True,
+                             capture_output=True, env={**env, "XLA_FLAGS": flags} if flags else env,
+                             timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == want, (n, flags, out.stderr[-2000:])
