@@ -508,10 +508,10 @@ def solve(
           differences to ~1e-9 in float64, ``tests/test_gradients.py``). Memory grows with the
           number of steps (O(log n) checkpoints, recomputing the rest); ``checkpoints=n`` stores
           ``n`` states instead. With fixed steps that divide the interval, ``checkpoints >=``
-          their number and no ``ts``,
-          the solve is one ``lax.scan`` of the solver's step that stores every stage's residuals
-          and recomputes nothing (diffrax's checkpointed loop evaluates each step's forward
-          three times in a training step; ``benchmarks/README.md`` has the timings).
+          their number and no ``ts``, the solve is one ``lax.scan`` of the solver's step that
+          stores every stage's residuals and recomputes nothing (memory O(steps); diffrax's
+          checkpointed loop evaluates each step's forward three times in a training step;
+          ``benchmarks/README.md``, "Issue 14", has the timings).
         * ``backsolve`` (optimise-then-discretise, the continuous adjoint of Chen et al. 2018,
           used by the paper): O(1) memory in the number of steps, but it re-solves the state
           backwards and integrates the adjoint ODE with the same method, so its gradient is an
