@@ -204,10 +204,40 @@ def plot(results, path, title):
     plt.close(fig)
 
 
+def final_step_nfe(run_dir) -> tuple[int, int]:
+    """(forward, backward) field evaluations of one training step of a finished
+    ``train.classify`` run at its final parameters, on its first training batch: the run's loss
+    plus a zero running cost that counts evaluations (host callback), as :func:`train_run` does."""
+    import dataclasses
+
+    from train.engine import load_run
+
+    run = load_run(run_dir, num_devices=None)
+    task = run.task
+    cost = nc.combine(EvalCounter(), task.cost) if task.cost is not None else nc.combine(EvalCounter())
+    model = dataclasses.replace(task.model, flow=task.model.flow.with_running_cost(cost))
+    images, labels = task.prepare(next(task.batches()), run.step)
+    key = jax.random.fold_in(jax.random.key(task.config.seed), run.step)
+
+    def loss(p):
+        logits, sol = model(p, images, cost_args=nc.regularizer_args(cost, key), **task.config.solve.kwargs())
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return ce + jnp.mean(sol.cost), sol.stats["nfe"]
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    jax.block_until_ready(step(run.params))  # compile (and a first count, discarded)
+    jax.effects_barrier()
+    _CALLS[0] = 0
+    (_, nfe), _ = jax.block_until_ready(step(run.params))
+    jax.effects_barrier()
+    return int(nfe), _CALLS[0] - int(nfe)
+
+
 def plot_runs(workdirs: list[str], path) -> list[dict]:
     """Forward NFE per training step and held-out accuracy of ``train.classify`` runs (one
     ``<workdir>/<model>/`` each; labelled by their ``kinetic``/``jacobian`` weights), from their
-    ``metrics.jsonl``: the figure for runs too long for this script (``mnist5k_cpu``)."""
+    ``metrics.jsonl``: the figure for runs too long for this script (``mnist5k_cpu``); and the
+    forward/backward NFE of one step at the final parameters (:func:`final_step_nfe`)."""
     import json
     from pathlib import Path
 
@@ -232,9 +262,11 @@ def plot_runs(workdirs: list[str], path) -> list[dict]:
                     label=f"{label} (held-out NFE {summary['test_nfe']:.0f})")
         ax_acc.plot([r["step"] for r in evals], [100 * r["test_accuracy"] for r in evals], "o-",
                     label=f"{label} ({100 * summary['test_accuracy']:.1f}%, {summary['wall_time_s']:.0f} s)")
+        fwd, bwd = final_step_nfe(run)
         rows.append({"workdir": wd, "regulariser": label, "test_accuracy": summary["test_accuracy"],
                      "test_nfe": summary["test_nfe"], "wall_time_s": summary["wall_time_s"],
-                     "mean_train_nfe": float(np.mean([r["nfe"] for r in train])), "steps": summary["steps"]})
+                     "mean_train_nfe": float(np.mean([r["nfe"] for r in train])), "steps": summary["steps"],
+                     "final_step_nfe_fwd": fwd, "final_step_nfe_bwd": bwd})
     ax_nfe.set(xlabel="training step", ylabel="forward NFE (logged steps)",
                title="forward NFE per training step")
     ax_acc.set(xlabel="training step", ylabel="held-out accuracy (%)", title="held-out accuracy")
