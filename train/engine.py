@@ -323,17 +323,6 @@ def evaluate(task: Task, eval_step, params, extra, dp: parallel.DataParallel) ->
     return {**{k: sum(v) / count for k, v in totals.items()}, **means}
 
 
-def run_all(tasks: list[Task], workdir: str | os.PathLike, *, subdir, progress: bool = True) -> list[dict]:
-    """Train each task in ``workdir / subdir(task)`` under a lock on ``workdir`` itself."""
-    workdir = Path(workdir)
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
-    try:
-        return [train_and_evaluate(t, workdir / subdir(t), progress=progress) for t in tasks]
-    finally:
-        if lock is not None:
-            lock.release()
-
-
 def load_run(workdir: str | os.PathLike, **overrides) -> Run:
     """The model, trained parameters and config of a run directory of any training script.
 
@@ -411,7 +400,12 @@ def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir
     """Train every config (``workdir / subdir(task)`` each, under a lock on ``workdir``), then write
     ``summary.json`` and ``results.md`` (``table(summaries)``) and call ``report``."""
     tasks = [make_task(task_class, c) for c in configs]
-    summaries = run_all(tasks, workdir, subdir=subdir, progress=progress)
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        summaries = [train_and_evaluate(t, Path(workdir) / subdir(t), progress=progress) for t in tasks]
+    finally:
+        if lock is not None:
+            lock.release()
     if jax.process_index() == 0:
         _write_json(Path(workdir) / "summary.json", summaries)
         (Path(workdir) / "results.md").write_text(table(summaries) + "\n")

@@ -22,6 +22,7 @@ one user of this module (every training script runs through it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -87,20 +88,14 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
 
 
 def ensure_cpu_devices(num_devices) -> None:
-    """Let ``num_devices`` CPU devices exist (``jax_num_cpu_devices``) when more than one is asked
-    for, nothing has set the count (``XLA_FLAGS=--xla_force_host_platform_device_count``) and JAX
-    has not started its backends: on a CPU machine ``num_devices=2`` then runs one per-image loop
-    per core. It changes nothing on GPU/TPU backends, whose devices are the accelerators."""
-    try:
-        n = int(num_devices)
-    except (TypeError, ValueError):
-        return  # None (all devices) or a mistake the config will name
+    """Let ``num_devices`` (> 1) CPU devices exist (``jax_num_cpu_devices``) unless a count is set
+    (``XLA_FLAGS=--xla_force_host_platform_device_count``) or JAX's backends have started: on a
+    CPU machine ``num_devices=2`` then runs one per-image loop per core. GPU/TPU runs are unaffected."""
+    n = int(num_devices) if str(num_devices).isdigit() else 1  # None: all; a mistake: the config names it
     unset = jax.config.jax_num_cpu_devices == -1 and "device_count" not in os.environ.get("XLA_FLAGS", "")
     if n > 1 and unset:
-        try:
+        with contextlib.suppress(RuntimeError):  # backends already started (e.g. in a test): keep them
             jax.config.update("jax_num_cpu_devices", n)
-        except RuntimeError:  # backends already started (e.g. inside a test): keep what exists
-            pass
 
 
 def select_devices(num_devices: int | None = None) -> list:
