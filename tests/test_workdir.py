@@ -3,6 +3,7 @@ checkpoints with fallback, append-only metrics, config recorded only after valid
 runs, one ``error:`` line with exit code 2. Tiny toy runs (16 points, rk4 dt 0.5)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,12 @@ def test_unfinished_run_is_refused_by_its_readers(tmp_path, monkeypatch, capsys)
     assert (run.step, run.finished) == (1, False)
     assert autoencode_eval.main(["--workdir", str(tmp_path), "--components", "2"]) == 2
     assert "unfinished runs: ae (step 1 of 3)" in capsys.readouterr().err
+
+
+def test_config_values_of_the_wrong_type_are_refused():
+    for layer, message in [({"epochs": True}, "epochs=True: expected int"),
+                           ({"lr": False}, "lr=False: expected float"),
+                           ({"widths": "4,x"}, "widths='4,x': expected a comma list of ints"),
+                           ({"solve": {"dt": "abc"}}, "solve.dt='abc': expected float or none")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            build(autoencode.AutoencodeConfig, layer)

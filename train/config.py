@@ -127,6 +127,8 @@ def build(cls, *layers: dict) -> Any:
             path, typ = known[key]
             if value is None and not _options(typ)[1]:
                 raise UserError(f"config value {key}=None is not allowed: expected {_name(typ)}")
+            if isinstance(value, bool) and bool not in _options(typ)[0]:  # pydantic would read 1/0
+                raise UserError(f"config value {key}={value!r}: expected {_name(typ)}")
             if len(path) == 2:  # a nested config starts from the parent's default instance
                 given.setdefault(path[0], dataclasses.asdict(cls.__dataclass_fields__[path[0]].default))
             (given[path[0]] if len(path) == 2 else given)[path[-1]] = _text(value, typ)
