@@ -213,16 +213,15 @@ def final_step_nfe(run_dir) -> tuple[int, int]:
     from train.engine import load_run
 
     run = load_run(run_dir, num_devices=None)
-    task = run.task
-    cost = nc.combine(EvalCounter(), task.cost) if task.cost is not None else nc.combine(EvalCounter())
-    model = dataclasses.replace(task.model, flow=task.model.flow.with_running_cost(cost))
-    images, labels = task.prepare(next(task.batches()), run.step)
+    task = run.task  # its own loss, with the counter added to its running cost
+    task.cost = nc.combine(EvalCounter(), task.cost) if task.cost is not None else nc.combine(EvalCounter())
+    task.train_model = dataclasses.replace(task.model, flow=task.model.flow.with_running_cost(task.cost))
+    batch = task.prepare(next(task.batches()), run.step)
     key = jax.random.fold_in(jax.random.key(task.config.seed), run.step)
 
     def loss(p):
-        logits, sol = model(p, images, cost_args=nc.regularizer_args(cost, key), **task.config.solve.kwargs())
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return ce + jnp.mean(sol.cost), sol.stats["nfe"]
+        value, (metrics, _) = task.loss(p, {}, batch, key)
+        return value, metrics["nfe"]
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     jax.block_until_ready(step(run.params))  # compile (and a first count, discarded)
