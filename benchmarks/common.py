@@ -18,6 +18,36 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 
+_EVALUATIONS = [0]
+
+
+def _bump(_) -> None:
+    _EVALUATIONS[0] += 1
+
+
+def count_evaluation(x) -> None:
+    """Inside a traced function (a vector field, a running cost): count one evaluation on the
+    host each time XLA runs it. The callback reads one entry of ``x``, which must depend on the
+    state: a callback without operands is loop-invariant, and JAX's partial evaluation of a
+    differentiated ``lax.scan`` hoists it out of the loop, so it would run once, not once per step."""
+    jax.debug.callback(_bump, jnp.ravel(x)[0])
+
+
+def counted(fn: Callable, *args):
+    """``(fn(*args), the evaluations counted during that call)`` (:func:`count_evaluation`)."""
+    jax.effects_barrier()
+    _EVALUATIONS[0] = 0
+    out = jax.block_until_ready(fn(*args))
+    jax.effects_barrier()
+    return out, _EVALUATIONS[0]
+
+
+def evaluations(fn: Callable, *args) -> int:
+    """Evaluations counted during one call ``fn(*args)``, after a first call that compiles."""
+    jax.block_until_ready(fn(*args))
+    return counted(fn, *args)[1]
+
+
 def time_fn(fn: Callable, *args, repeats: int = 20) -> dict:
     """Compile time (first call) and the median/min of ``repeats`` timed calls, in ms."""
     t = time.perf_counter()

@@ -38,13 +38,7 @@ import ncode_jax as nc
 from ncode_jax.data import toy as toy_data
 from ncode_jax.models import FlowClassifier
 
-from .common import RESULTS, write_results
-
-_CALLS = [0]
-
-
-def _bump():
-    _CALLS[0] += 1
+from .common import RESULTS, count_evaluation, counted, write_results
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ class EvalCounter:
     """A running cost that is 0 and counts evaluations of the augmented field (host callback)."""
 
     def __call__(self, t, x, theta, cost_args):
-        jax.debug.callback(_bump)
+        count_evaluation(x)
         return jnp.zeros((x.shape[0],), x.dtype)
 
 
@@ -123,18 +117,14 @@ def train_run(problem: Problem, reg: str, weight: float, args) -> dict:
     t_compile = time.perf_counter()
     train_s = 0.0
     for i in range(args.steps):
-        jax.effects_barrier()
-        _CALLS[0] = 0
         t = time.perf_counter()
-        params, opt_state, loss, (task, reg_value, metric, nfe) = jax.block_until_ready(
-            step(params, opt_state, jnp.asarray(i)))
-        jax.effects_barrier()
+        (params, opt_state, loss, (task, reg_value, metric, nfe)), total = counted(
+            step, params, opt_state, jnp.asarray(i))
         dt = time.perf_counter() - t
         if i == 0:
             compile_s = time.perf_counter() - t_compile
         else:
             train_s += dt
-        total = _CALLS[0]
         rows.append({"step": i + 1, "loss": float(loss), "task": float(task), "reg": float(reg_value),
                      "train_metric": float(metric), "nfe_fwd": int(nfe), "nfe_bwd": total - int(nfe)})
         if not np.isfinite(float(loss)):
@@ -225,11 +215,8 @@ def final_step_nfe(run_dir) -> tuple[int, int]:
 
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     jax.block_until_ready(step(run.params))  # compile (and a first count, discarded)
-    jax.effects_barrier()
-    _CALLS[0] = 0
-    (_, nfe), _ = jax.block_until_ready(step(run.params))
-    jax.effects_barrier()
-    return int(nfe), _CALLS[0] - int(nfe)
+    ((_, nfe), _), total = counted(step, run.params)
+    return int(nfe), total - int(nfe)
 
 
 def plot_runs(workdirs: list[str], path) -> list[dict]:

@@ -46,26 +46,20 @@ import optax
 import ncode_jax as nc
 from ncode_jax.models import FlowClassifier
 
-from .common import write_results
-
-_CALLS = [0]
-
-
-def _bump():
-    _CALLS[0] += 1
+from .common import count_evaluation, evaluations, write_results
 
 
 @dataclasses.dataclass(frozen=True)
 class CountingMLPField(nc.MLPField):
     def apply(self, t, x, w):
-        jax.debug.callback(_bump)
+        count_evaluation(x)
         return super().apply(t, x, w)
 
 
 @dataclasses.dataclass(frozen=True)
 class CountingConvField(nc.ConvBlockField):
     def apply(self, t, x, w):
-        jax.debug.callback(_bump)
+        count_evaluation(x)
         return super().apply(t, x, w)
 
 
@@ -100,15 +94,6 @@ class _Seminorm:
 
 VARIANTS = {"plain": (False, _DIFFRAX_SEMINORM), "seminorm": (True, _DIFFRAX_SEMINORM),
             "zeroed": (True, zeroed_rms_seminorm)}
-
-
-def count_calls(fn, *args) -> int:
-    jax.block_until_ready(fn(*args))  # compile
-    jax.effects_barrier()
-    _CALLS[0] = 0
-    jax.block_until_ready(fn(*args))
-    jax.effects_barrier()
-    return _CALLS[0]
 
 
 def rel(a, b) -> float:
@@ -162,7 +147,7 @@ def run(name, build, params, make_loss, solve_kw, counting_cls, plain_cls, repea
         counted = build(counting_cls)
         with _Seminorm(norm):  # traced (and compiled) inside: the norm is baked in
             both = jax.jit(jax.value_and_grad(make_loss(counted, kw), has_aux=True))
-            n_all = count_calls(both, params)  # forward + backward evaluations
+            n_all = evaluations(both, params)  # forward + backward evaluations
             f = jax.jit(jax.value_and_grad(make_loss(build(plain_cls), kw), has_aux=True))
             t = time.perf_counter()
             (loss, nfe), g = jax.block_until_ready(f(params))

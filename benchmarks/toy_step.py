@@ -41,7 +41,9 @@ import ncode_jax as nc
 
 from .common import (
     RESULTS,
+    count_evaluation,
     eval_flops,
+    evaluations,
     hardware_fraction,
     interleaved,
     matmul_peak,
@@ -74,15 +76,8 @@ class CountingMLPField(nc.MLPField):
     """MLPField that counts its evaluations with a host callback (instrumented runs only)."""
 
     def apply(self, t, x, w):
-        jax.debug.callback(_bump)
+        count_evaluation(x)
         return super().apply(t, x, w)
-
-
-_CALLS = [0]
-
-
-def _bump():
-    _CALLS[0] += 1
 
 
 def loss_and_nfe(model, params, x0, solve_kw):
@@ -96,16 +91,7 @@ def jax_backward_nfe(kind, x0, params, solve_kw) -> int:
     model = nc.NCODE.build(kind, CountingMLPField(2, 16), (2,))
     fwd = jax.jit(lambda p: loss_and_nfe(model, p, x0, solve_kw))
     both = jax.jit(jax.value_and_grad(lambda p: loss_and_nfe(model, p, x0, solve_kw), has_aux=True))
-    jax.block_until_ready((fwd(params), both(params)))
-    jax.effects_barrier()
-    _CALLS[0] = 0
-    jax.block_until_ready(fwd(params))
-    jax.effects_barrier()
-    n_fwd = _CALLS[0]
-    _CALLS[0] = 0
-    jax.block_until_ready(both(params))
-    jax.effects_barrier()
-    return _CALLS[0] - n_fwd
+    return evaluations(both, params) - evaluations(fwd, params)
 
 
 def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, tdev, checkpoints=None):

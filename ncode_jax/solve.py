@@ -196,20 +196,58 @@ class SolveConfig:
 
 def _stored_steps(term, solver, t0, t1, dt0, n: int, z0, args) -> tuple[State, dict]:
     """``n`` fixed steps of ``solver`` from ``t0`` (the last one ending exactly at ``t1``) as one
-    ``lax.scan`` of its own ``step``: the state at ``t1`` and diffrax-style stats. Reverse mode
-    stores every stage's residuals (memory O(n)); nothing is recomputed."""
-    state = solver.init(term, t0, t0 + dt0, z0, args)
+    ``lax.scan``: the state at ``t1`` and diffrax-style stats. Reverse mode stores every stage's
+    residuals (memory O(n)); nothing is recomputed.
+
+    An explicit Runge–Kutta solver's step is written out stage by stage from its Butcher tableau
+    (:func:`_erk_step`): diffrax's own ``step`` runs the stages in a checkpointed loop, whose
+    reverse pass evaluates every stage's field a second time. Other solvers (Euler) take their own
+    ``step``."""
+    tableau = getattr(solver, "tableau", None)
+    erk = isinstance(tableau, diffrax.ButcherTableau) and isinstance(solver, diffrax.AbstractERK)
+    if erk:
+        f0 = term.vf(t0, z0, args) if tableau.fsal else None
+        carry0 = (z0, f0)
+    else:
+        carry0 = (z0, solver.init(term, t0, t0 + dt0, z0, args))
 
     def body(carry, k):
-        z, solver_state = carry
+        z, aux = carry
         ta = t0 + k * dt0
         tb = jnp.where(k == n - 1, t1, t0 + (k + 1) * dt0)
-        z, _, _, solver_state, _ = solver.step(term, ta, tb, z, args, solver_state, made_jump=False)
-        return (z, solver_state), None
+        if erk:
+            z, aux = _erk_step(tableau, term, ta, tb, z, args, aux)
+        else:
+            z, _, _, aux, _ = solver.step(term, ta, tb, z, args, aux, made_jump=False)
+        return (z, aux), None
 
-    (z, _), _ = jax.lax.scan(body, (z0, state), jnp.arange(n, dtype=jnp.asarray(t0).dtype))
+    (z, _), _ = jax.lax.scan(body, carry0, jnp.arange(n, dtype=jnp.asarray(t0).dtype))
     steps = jnp.asarray(n, jnp.int32)
     return z, {"num_steps": steps, "num_accepted_steps": steps, "num_rejected_steps": jnp.zeros_like(steps)}
+
+
+def _erk_step(tableau: diffrax.ButcherTableau, term, ta, tb, z, args, f0):
+    """One explicit Runge–Kutta step from ``ta`` to ``tb`` with every stage written out:
+    ``k_i = f(ta + c_i h, z + h Σ_j a_ij k_j)``, ``z₁ = z + h Σ_i b_i k_i`` (Butcher tableau
+    ``(a, b, c)``; zero coefficients are skipped). First-same-as-last tableaux (last row of ``a``
+    equal to ``b``) take ``k_1 = f0``, the previous step's last stage, and return their last
+    stage for the next step; others take and return ``None``. Returns ``(z₁, f0_next)``."""
+    h = tb - ta
+
+    def combine(coeffs):  # z + h Σ_j coeffs[j] k_j over the nonzero coefficients
+        terms = [(float(a), k) for a, k in zip(coeffs, ks) if a != 0]
+        if not terms:
+            return z
+        return jax.tree.map(lambda y, *kk: y + h * sum(a * ki for (a, _), ki in zip(terms, kk)),
+                            z, *(k for _, k in terms))
+
+    ks = [f0 if tableau.fsal else term.vf(ta, z, args)]
+    for c, a_row in zip(tableau.c, tableau.a_lower):
+        z_stage = combine(a_row)
+        ks.append(term.vf(ta + float(c) * h, z_stage, args))
+    if tableau.fsal:  # the last stage was evaluated at (tb, z₁)
+        return z_stage, ks[-1]
+    return combine(tableau.b_sol), None
 
 
 def _adjoint(name: str, checkpoints: int | None, backward_controller, throw: bool) -> diffrax.AbstractAdjoint:
@@ -508,9 +546,12 @@ def solve(
           differences to ~1e-9 in float64, ``tests/test_gradients.py``). Memory grows with the
           number of steps (O(log n) checkpoints, recomputing the rest); ``checkpoints=n`` stores
           ``n`` states instead. With fixed steps that divide the interval, ``checkpoints >=``
-          their number and no ``ts``, the solve is one ``lax.scan`` of the solver's step that
-          stores every stage's residuals and recomputes nothing (memory O(steps); diffrax's
-          checkpointed loop evaluates each step's forward three times in a training step;
+          their number and no ``ts``, the solve is one ``lax.scan`` of explicit Runge–Kutta steps
+          written out stage by stage from the solver's Butcher tableau, which stores every
+          stage's residuals and evaluates the field once per stage, backward pass included
+          (memory O(steps); diffrax's checkpointed loop evaluates the field 3.5× per stage in a
+          training step, and even diffrax's own ``step`` in a scan 2×, its stages being a
+          checkpointed loop; ``tests/test_stored_steps.py`` counts them;
           ``benchmarks/README.md``, "Issue 14", has the timings).
         * ``backsolve`` (optimise-then-discretise, the continuous adjoint of Chen et al. 2018,
           used by the paper): O(1) memory in the number of steps, but it re-solves the state
@@ -598,8 +639,8 @@ def solve(
     if max_steps is None:
         max_steps = fixed_steps if fixed_steps is not None else DEFAULT_ADAPTIVE_MAX_STEPS
     # checkpoint adjoint, fixed steps, every step checkpointed and nothing saved but x(t1): one
-    # lax.scan of the solver's own step, differentiated by JAX with every stage's residuals stored
-    # (diffrax's checkpointed loop runs each step's forward three times in a training step)
+    # lax.scan of written-out RK steps, differentiated by JAX with every stage's residuals stored
+    # (diffrax's checkpointed loop evaluates each stage 3.5 times in a training step)
     store_all = (adjoint == "checkpoint" and fixed_steps is not None and divides and ts is None
                  and checkpoints is not None and checkpoints >= fixed_steps and max_steps >= fixed_steps)
     if dt is None:

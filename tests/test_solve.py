@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from benchmarks.common import count_evaluation, counted
 from ncode_jax import Dynamics, Feedback, LinearField, MLPField, SparseLinearField, solve
 
 B, D, T = 4, 3, 1.0
@@ -89,19 +90,12 @@ def test_sparse_linear_long_horizon():
 # Number of function evaluations
 # ---------------------------------------------------------------------------------------------
 
-_CALLS = [0]
-
-
-def _count():
-    _CALLS[0] += 1
-
-
 @dataclass(frozen=True)
 class CountingMLPField(MLPField):
-    """An MLPField that bumps a Python counter every time XLA evaluates it."""
+    """An MLPField that bumps a host counter every time XLA evaluates it."""
 
     def apply(self, t, x, w):
-        jax.debug.callback(_count)
+        count_evaluation(x)
         return super().apply(t, x, w)
 
 
@@ -117,13 +111,9 @@ def test_nfe_counts_field_evaluations(solver, dt):
     theta = 3.0 * field.layout.init(jax.random.PRNGKey(0), jnp.float64)
     x0 = _normal(5, (B, 2))
     opts = dict(rtol=1e-4, atol=1e-4)
-    _CALLS[0] = 0
-    sol = solve(Dynamics(field), x0, theta, t1=2.0, solver=solver, dt=dt, **opts)
-    jax.block_until_ready(sol.x)
-    jax.effects_barrier()
-    counted = _CALLS[0]
-    assert counted > 0
-    assert int(sol.stats["nfe"]) == counted
+    sol, calls = counted(lambda: solve(Dynamics(field), x0, theta, t1=2.0, solver=solver, dt=dt, **opts))
+    assert calls > 0
+    assert int(sol.stats["nfe"]) == calls
     assert int(sol.stats["num_steps"]) == int(sol.stats["num_accepted_steps"]) + int(
         sol.stats["num_rejected_steps"]
     )
