@@ -29,7 +29,9 @@ def count_evaluation(x) -> None:
     """Inside a traced function (a vector field, a running cost): count one evaluation on the
     host each time XLA runs it. The callback reads one entry of ``x``, which must depend on the
     state: a callback without operands is loop-invariant, and JAX's partial evaluation of a
-    differentiated ``lax.scan`` hoists it out of the loop, so it would run once, not once per step."""
+    differentiated ``lax.scan`` hoists it out of the loop, so it would run once, not once per step.
+    Under ``jax.vmap`` (e.g. ``solve(batch="vmap")``) it runs once per mapped element, so divide
+    such counts by the batch size."""
     jax.debug.callback(_bump, jnp.ravel(x)[0])
 
 

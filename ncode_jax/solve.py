@@ -244,7 +244,8 @@ def _erk_step(tableau: diffrax.ButcherTableau, term, ta, tb, z, args, f0):
     ks = [f0 if tableau.fsal else term.vf(ta, z, args)]
     for c, a_row in zip(tableau.c, tableau.a_lower):
         z_stage = combine(a_row)
-        ks.append(term.vf(ta + float(c) * h, z_stage, args))
+        t_stage = tb if c == 1 else ta + float(c) * h  # exactly tb, as diffrax evaluates it
+        ks.append(term.vf(t_stage, z_stage, args))
     if tableau.fsal:  # the last stage was evaluated at (tb, z₁)
         return z_stage, ks[-1]
     return combine(tableau.b_sol), None

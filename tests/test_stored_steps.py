@@ -33,8 +33,9 @@ def _loss_and_grad(model, params, **opts):
     pytest.param("closed", "heun", 0.1, 0.7, "vmap", marks=pytest.mark.slow),  # rounded grid, per sample
 ])
 def test_stored_steps_equal_the_diffrax_path(kind, solver, dt, t1, batch, monkeypatch):
-    model = nc.NCODE.build(kind, nc.MLPField(2, 8), (2,), hidden=(8,), feedback_hidden=(8,),
-                           running_cost=nc.kinetic_energy(0.1))
+    # a time-dependent field: every stage's time enters the solution
+    model = nc.NCODE.build(kind, nc.MLPField(2, 8, time_dependent=True), (2,), hidden=(8,),
+                           feedback_hidden=(8,), running_cost=nc.kinetic_energy(0.1))
     params = model.init(jax.random.key(0), jnp.float64)
     opts = dict(solver=solver, dt=dt, t1=t1, batch=batch, adjoint="checkpoint")
     taken = []
