@@ -33,7 +33,9 @@ def _gap(solver, dt):
 
 @pytest.mark.filterwarnings("ignore:adjoint='backsolve' with fixed-step")
 @pytest.mark.parametrize("solver,order,dt", [
-    pytest.param("heun", 2, 0.1, marks=pytest.mark.slow), ("rk4", 4, 0.2)])
+    # both slow (~35 s for rk4 on 2 cores): test_gradients keeps backsolve vs checkpoint in the default run
+    pytest.param("heun", 2, 0.1, marks=pytest.mark.slow),
+    pytest.param("rk4", 4, 0.2, marks=pytest.mark.slow)])
 def test_backsolve_gap_falls_at_the_solver_order(solver, order, dt):
     coarse, fine = _gap(solver, dt), _gap(solver, dt / 2)
     observed = np.log2(coarse / fine)

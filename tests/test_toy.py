@@ -99,6 +99,7 @@ def _final_params(workdir, name):
     return run.step, run.params
 
 
+@pytest.mark.slow  # ~30 s; kill-and-resume runs in the default suite for classify, autoencode and workdir
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     # with the Jacobian regulariser on: its Hutchinson probes come from the step key, so the resumed
     # run must replay them exactly
