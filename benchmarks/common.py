@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -14,6 +15,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import ncode_jax as nc
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,6 +36,24 @@ def count_evaluation(x) -> None:
     Under ``jax.vmap`` (e.g. ``solve(batch="vmap")``) it runs once per mapped element, so divide
     such counts by the batch size."""
     jax.debug.callback(_bump, jnp.ravel(x)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingMLPField(nc.MLPField):
+    """:class:`ncode_jax.MLPField` that counts its evaluations (:func:`count_evaluation`)."""
+
+    def apply(self, t, x, w):
+        count_evaluation(x)
+        return super().apply(t, x, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingConvField(nc.ConvBlockField):
+    """:class:`ncode_jax.ConvBlockField` that counts its evaluations (:func:`count_evaluation`)."""
+
+    def apply(self, t, x, w):
+        count_evaluation(x)
+        return super().apply(t, x, w)
 
 
 def counted(fn: Callable, *args):

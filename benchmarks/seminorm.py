@@ -32,7 +32,6 @@ Writes ``benchmarks/results/seminorm<tag>.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -46,22 +45,7 @@ import optax
 import ncode_jax as nc
 from ncode_jax.models import FlowClassifier
 
-from .common import count_evaluation, evaluations, write_results
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingMLPField(nc.MLPField):
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingConvField(nc.ConvBlockField):
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
+from .common import CountingConvField, CountingMLPField, evaluations, write_results
 
 _DIFFRAX_SEMINORM = diffrax.adjoint_rms_seminorm
 

@@ -27,7 +27,6 @@ Writes ``benchmarks/results/toy_step[_<sweep>][<tag>].json`` and a ``.png`` besi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
@@ -41,7 +40,7 @@ import ncode_jax as nc
 
 from .common import (
     RESULTS,
-    count_evaluation,
+    CountingMLPField,
     eval_flops,
     evaluations,
     hardware_fraction,
@@ -71,13 +70,6 @@ PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -
 SWEEPS = {"batch": (32, 64, 128, 256, 512, 1024), "horizon": (0.5, 1.0, 2.0, 4.0)}
 
 
-@dataclasses.dataclass(frozen=True)
-class CountingMLPField(nc.MLPField):
-    """MLPField that counts its evaluations with a host callback (instrumented runs only)."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
 
 
 def loss_and_nfe(model, params, x0, solve_kw):

@@ -1,7 +1,6 @@
 """`solve`: analytic references (expm for linear fields), NFE counts, errors that say what went
 wrong, batch modes, and use under jax.jit / jax.grad / jax.vmap."""
 
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from benchmarks.common import count_evaluation, counted
+from benchmarks.common import CountingMLPField, counted
 from ncode_jax import Dynamics, Feedback, LinearField, MLPField, SparseLinearField, solve
 
 B, D, T = 4, 3, 1.0
@@ -90,13 +89,6 @@ def test_sparse_linear_long_horizon():
 # Number of function evaluations
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class CountingMLPField(MLPField):
-    """An MLPField that bumps a host counter every time XLA evaluates it."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 from conftest import tree_rel_err
 
 import ncode_jax as nc
-from benchmarks.common import count_evaluation, evaluations
+from benchmarks.common import CountingMLPField, evaluations
 
 SOLVE = sys.modules["ncode_jax.solve"]
 X0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (6, 2)))
@@ -80,20 +80,12 @@ def test_stored_steps_fall_back_where_they_do_not_apply(opts, monkeypatch):
     assert not taken
 
 
-class _CountingField(nc.MLPField):
-    """MLPField that counts its evaluations with a host callback."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
-
 @pytest.mark.parametrize("kind, solver", [("closed", "rk4"), ("open", "tsit5"), ("closed", "euler")])
 def test_stored_steps_evaluate_the_field_once_per_stage(kind, solver):
     """The backward pass evaluates the field no more: every stage's residuals are stored.
     (diffrax's own ``step`` runs the stages in a checkpointed loop whose reverse pass evaluates
     each stage again: 2× the forward count.)"""
-    model = nc.NCODE.build(kind, _CountingField(2, 8), (2,), hidden=(8,), feedback_hidden=(8,))
+    model = nc.NCODE.build(kind, CountingMLPField(2, 8), (2,), hidden=(8,), feedback_hidden=(8,))
     params = model.init(jax.random.key(0), jnp.float64)
     opts = dict(solver=solver, dt=0.25, checkpoints=4)
     fwd = jax.jit(lambda p: model(p, X0, **opts).stats["nfe"])
