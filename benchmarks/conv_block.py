@@ -20,12 +20,15 @@ and ratios are taken within a round; the naive one (tens of seconds per call) on
 f32 matmul gives the machine's peak for context. With ``--torch`` the same per-sample block
 (and the shared one) is timed in PyTorch for every per-sample convolution of
 ``benchmarks/torch_baseline/conv.py`` (forward + backward w.r.t. x and θ, same θ, NCHW,
-``torch.set_num_threads(--threads)``); this picks the baseline's default. Writes
+``torch.set_num_threads(--threads)``); this picks the baseline's default. Every JAX variant is
+compiled with :func:`ncode_jax.compiler_options` (as the training engine does); ``--xla ncode
+default`` adds each compiled with XLA's defaults (``…_xla_default`` rows), timed in the same rounds. Writes
 ``benchmarks/results/conv_block.json``.
 
     python -m benchmarks.conv_block [--batch 64] [--size 28] [--channels 11] [--hidden 50]
                                     [--repeats 10] [--rounds 3] [--naive-repeats 1] [--skip-naive]
-                                    [--impls map conv_map grouped] [--device cpu|gpu]
+                                    [--impls map conv_map grouped] [--xla ncode default]
+                                    [--device cpu|gpu]
                                     [--torch] [--torch-repeats 5] [--threads 2] [--tag _gpu]
 
 On ``--device gpu`` the JAX variants run on the first GPU (``--torch`` is CPU only); the naive
@@ -42,11 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ncode_jax import ConvBlockField
+from ncode_jax import ConvBlockField, compiler_options
 
 from .common import matmul_peak, time_fn, write_results
 
 PER_SAMPLE_IMPLS = ("map", "conv_map", "grouped")
+XLA_DEFAULT = "_xla_default"  # suffix of the rows compiled with XLA's default options (--xla default)
 
 
 def torch_variants(args, theta, theta_b, x_nhwc, flops) -> dict:
@@ -95,6 +99,9 @@ def main(argv=None):
     p.add_argument("--skip-naive", action="store_true", help="skip the slow vmap(conv) baseline")
     p.add_argument("--impls", nargs="+", choices=PER_SAMPLE_IMPLS, default=list(PER_SAMPLE_IMPLS),
                    help="per-sample ConvBlockField implementations timed")
+    p.add_argument("--xla", nargs="+", choices=("ncode", "default"), default=["ncode"],
+                   help="compiler options: 'ncode' = ncode_jax.compiler_options() (rows without a "
+                        f"suffix), 'default' = XLA's defaults (rows ending in {XLA_DEFAULT})")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch per-sample variants (CPU)")
     p.add_argument("--torch-repeats", type=int, default=5)
@@ -127,20 +134,25 @@ def main(argv=None):
     noise = jnp.asarray(rng.standard_normal((b, fast.num_params)), jnp.float32)
     theta_b = jax.device_put(theta + 0.1 * fast.layout.init_std() * noise, dev)
 
-    def fwd_bwd(field):
+    def fwd_bwd(field, opts=None):
         def loss(x, th):
             return 0.5 * jnp.sum(field(0.0, x, th) ** 2)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+        opts = compiler_options(dev.platform) if opts is None else opts
+        return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts)
 
-    variants = {"shared": (fwd_bwd(fast), theta), "shared_lax": (fwd_bwd(ref), theta)}
-    for impl in args.impls:
-        field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
-        variants[f"per_sample_{impl}"] = (fwd_bwd(field), theta_b)
+    variants = {}
+    for xla in dict.fromkeys(args.xla):  # suffix "" = ncode_jax.compiler_options (what training uses)
+        sfx, opts = ("", None) if xla == "ncode" else (XLA_DEFAULT, {})
+        variants[f"shared{sfx}"] = (fwd_bwd(fast, opts), theta)
+        variants[f"shared_lax{sfx}"] = (fwd_bwd(ref, opts), theta)
+        for impl in args.impls:
+            field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
+            variants[f"per_sample_{impl}{sfx}"] = (fwd_bwd(field, opts), theta_b)
     timed = list(variants)
     variants["naive"] = (fwd_bwd(ref), theta_b)
     flops = 3 * fast.flops(b)
-    xla_flops = variants["shared_lax"][0].lower(x, theta).compile().cost_analysis().get("flops")
+    xla_flops = variants[timed[1]][0].lower(x, theta).compile().cost_analysis().get("flops")
     print(f"conv block {args.channels}->{args.hidden}->{args.hidden}->{args.channels}, batch {b}, "
           f"{s}x{s}, f32, {dev}, forward+backward (grad x, theta): analytic {flops / 1e9:.3f} GFLOP "
           f"(XLA cost analysis of shared_lax: {xla_flops / 1e9:.3f})", flush=True)
@@ -152,9 +164,12 @@ def main(argv=None):
     rounds = {k: [] for k in timed}
     compile_s = {}
     ps = [k for k in timed if k.startswith("per_sample_")]
-    per_round_ratio = {f"{k}/shared": [] for k in ps}
-    per_round_ratio.update({f"{k}/per_sample_conv_map": [] for k in ps if k != "per_sample_conv_map"
-                            and "per_sample_conv_map" in ps})
+    sfx = lambda k: XLA_DEFAULT if k.endswith(XLA_DEFAULT) else ""  # noqa: E731
+    per_round_ratio = {f"{k}/shared{sfx(k)}": [] for k in ps}
+    per_round_ratio.update({f"{k}/per_sample_conv_map{sfx(k)}": [] for k in ps
+                            if not k.startswith("per_sample_conv_map")
+                            and f"per_sample_conv_map{sfx(k)}" in ps})
+    per_round_ratio.update({f"{k}/{k}{XLA_DEFAULT}": [] for k in timed if f"{k}{XLA_DEFAULT}" in timed})
     for r in range(args.rounds):
         for name in timed:
             fn, th = variants[name]
@@ -188,16 +203,16 @@ def main(argv=None):
 
     # rate ratios (= inverse time ratios); the per-round medians pair runs made close in time
     ratios = {k: round(statistics.median(v), 3) for k, v in per_round_ratio.items()}
-    if "naive" in results:
+    if "naive" in results and "shared" in results:
         ratios["naive/shared"] = round(results["naive"]["gflops"] / results["shared"]["gflops"], 4)
         for k in ps:
             ratios[f"{k}/naive"] = round(results[k]["gflops"] / results["naive"]["gflops"], 1)
 
-    print(f"\n{'variant':24s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
+    print(f"\n{'variant':32s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
     rows = {k: v for k, v in results.items() if k != "torch"}
     rows.update({f"torch_{k}": v for k, v in results.get("torch", {}).items()})
     for name, r in rows.items():
-        print(f"{name:24s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%")
+        print(f"{name:32s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%")
     print(f"matmul peak (f32 2048^3, max of before/after): {peak:.1f} GFLOP/s")
     for k, v in ratios.items():
         print(f"rate ratio {k}: {v}")
@@ -206,6 +221,7 @@ def main(argv=None):
         "settings": {"batch": b, "size": s, "channels": args.channels, "hidden": args.hidden,
                      "dtype": "float32", "repeats": args.repeats, "rounds": args.rounds,
                      "naive_repeats": 0 if skip_naive else naive_repeats, "impls": args.impls,
+                     "xla": args.xla, "compiler_options": compiler_options(dev.platform),
                      "device": str(dev), "loadavg_1_5_15_end": list(os.getloadavg())},
         "flops_fwd_bwd_analytic": flops,
         "flops_fwd_bwd_xla_shared_lax": xla_flops,

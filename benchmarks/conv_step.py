@@ -13,7 +13,9 @@ closed) × solvers (default rk4 with dt = 0.25 on [0, 1]: 16 forward evaluations
 JAX variants: ``--impls`` (the ``ConvBlockField`` implementation, default ``auto``; e.g.
 ``--impls conv_map map`` prints the before/after of issue 14 in one run) × ``--checkpoints`` (for
 the checkpoint adjoint: ``default`` = diffrax's O(log n) checkpoints with recomputation, ``steps``
-= one checkpoint per step, no recomputation, or a number); every JAX variant of a case is timed
+= one checkpoint per step, no recomputation, or a number) × ``--xla`` (``ncode``: compiled with
+:func:`ncode_jax.compiler_options`, as the training engine does; ``default``: XLA's defaults);
+every JAX variant of a case is timed
 interleaved with the same torch step, and the ratio is taken per variant.
 
 ``--devices N`` (CPU) runs the JAX step data-parallel over N simulated CPU devices
@@ -36,6 +38,7 @@ measured in the same run (``benchmarks.common.matmul_peak``).
     python -m benchmarks.conv_step [--batch 64] [--repeats 5] [--threads 2] [--device cpu]
                                    [--kinds open closed] [--solvers rk4 dopri5] [--adjoints ...]
                                    [--impls conv_map map] [--checkpoints default steps]
+                                   [--xla ncode default]
 
 Writes ``benchmarks/results/conv_step<tag>.json`` and a ``.png`` beside it.
 """
@@ -51,6 +54,7 @@ import jax
 import numpy as np
 import optax
 
+from ncode_jax.compiler import compiler_options
 from ncode_jax.conv import IMPLS, resolve_impl
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 
@@ -85,16 +89,19 @@ def _checkpoints(spec: str, solver: str, args) -> int | None:
     return int(spec)
 
 
-def jax_variants(adjoint: str, solver: str, args) -> list[tuple[str, str, int | None]]:
-    """``(label, impl, checkpoints)`` of every JAX variant timed in one case."""
+def jax_variants(adjoint: str, solver: str, args) -> list[tuple[str, str, int | None, str]]:
+    """``(label, impl, checkpoints, xla)`` of every JAX variant timed in one case (``xla``:
+    ``"ncode"`` = compiled with :func:`ncode_jax.compiler_options`, ``"default"`` = XLA's own)."""
     out = []
     for impl in args.impls:
         specs = args.checkpoints if adjoint == "checkpoint" else ["default"]
         for spec in dict.fromkeys(specs):
-            ck = _checkpoints(spec, solver, args)
-            label = impl if adjoint != "checkpoint" else f"{impl}/ck={spec}"
-            if (label, impl, ck) not in out:
-                out.append((label, impl, ck))
+            for xla in dict.fromkeys(args.xla):
+                ck = _checkpoints(spec, solver, args)
+                label = impl if adjoint != "checkpoint" else f"{impl}/ck={spec}"
+                label += "" if xla == "ncode" else f"/xla={xla}"
+                if (label, impl, ck, xla) not in out:
+                    out.append((label, impl, ck, xla))
     return out
 
 
@@ -123,7 +130,8 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
         params, opt_state = jax.device_put((params, opt_state), rep)
         images, labels = jax.device_put((images, labels), rows)
 
-    def make_step(clf, kw):
+    def make_step(clf, kw, xla):
+        opts = compiler_options(jdev.platform) if xla == "ncode" else {}
         def loss_fn(p, x, y):
             logits, sol = clf(p, x, **kw)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), sol.stats["nfe"]
@@ -134,9 +142,10 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
             return optax.apply_updates(p, updates), s, loss, nfe
 
         if mesh is None:
-            jstep = jax.jit(step)
+            jstep = jax.jit(step, compiler_options=opts)
             return lambda: jstep(params, opt_state, images, labels)
-        jstep = jax.jit(step, in_shardings=(rep, rep, rows, rows), out_shardings=rep)
+        jstep = jax.jit(step, in_shardings=(rep, rep, rows, rows), out_shardings=rep,
+                        compiler_options=opts)
 
         def call():
             with jax.set_mesh(mesh):  # the per-image loops then run per device (ncode_jax.sharding)
@@ -145,10 +154,10 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
         return call
 
     jax_fns = {}
-    for label, impl, ck in jax_variants(adjoint, solver, args):
+    for label, impl, ck, xla in jax_variants(adjoint, solver, args):
         kw = dict(solve_kw, checkpoints=ck) if ck is not None else solve_kw
-        jax_fns[label] = dict(call=make_step(_with_impl(clf0, impl), kw), impl=impl,
-                              resolved_impl=resolve_impl(impl), checkpoints=ck)
+        jax_fns[label] = dict(call=make_step(_with_impl(clf0, impl), kw, xla), impl=impl,
+                              resolved_impl=resolve_impl(impl), checkpoints=ck, xla=xla)
 
     tmodel = load_jax_params(ConvNCODE(kind, shape, hidden=args.hidden, conv_impl=args.torch_conv),
                              jax.device_get(params)).to(tdev)
@@ -205,7 +214,7 @@ def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
                "rtol": None if solver == "rk4" else args.rtol, "atol": None if solver == "rk4" else args.atol,
                "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": args.batch, "t1": args.t1,
                "jax_impl": v["impl"], "jax_impl_resolved": v["resolved_impl"],
-               "jax_checkpoints": v["checkpoints"], "variant": label,
+               "jax_checkpoints": v["checkpoints"], "jax_compiler_options": v["xla"], "variant": label,
                "torch_conv": args.torch_conv, "eval_flops": case["flops"], "jax": jrow, "torch": dict(trow)}
         row["ratio_torch_over_jax"] = round(trow["median_ms"] / jrow["median_ms"], 2)
         row["ratio_median_of_pairs"] = round(statistics.median(
@@ -217,7 +226,7 @@ def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
 def fmt_row(r) -> str:
     j, t = r["jax"], r["torch"]
     return (f"{r['kind']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
-            f"{r['variant']:18s} "
+            f"{r['variant']:26s} "
             f"B={r['batch']:<4d} JAX {j['median_ms']:8.1f} ms (nfe {j['nfe_fwd']:3d}, first "
             f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak)  torch "
             f"{t['median_ms']:8.1f} ms (nfe {t['nfe_fwd']:3d}+{t['nfe_bwd']:3d}, "
@@ -274,6 +283,9 @@ def main(argv=None):
     p.add_argument("--checkpoints", nargs="+", default=["default"],
                    help="checkpoint adjoint: 'default' (diffrax, O(log n), recomputes), 'steps' (one "
                         "per rk4 step: no recomputation) or a number; several values are timed side by side")
+    p.add_argument("--xla", nargs="+", choices=("ncode", "default"), default=["ncode"],
+                   help="JAX compiler options: 'ncode' = ncode_jax.compiler_options() (what the "
+                        "training engine uses), 'default' = XLA's defaults; both: timed side by side")
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -5,6 +5,7 @@ dθ/dt = g(θ, x, t)) by a controller, solved with diffrax and differentiated by
 """
 
 from .block import NCODEBlock
+from .compiler import compiler_options
 from .control import Feedback, Hypernetwork, StaticInit, augment
 from .conv import ConvBlockField
 from .dynamics import Dynamics, State
@@ -59,6 +60,7 @@ __all__ = [
     "regularization",
     "regularizer_args",
     "check_options",
+    "compiler_options",
     "dense",
     "mlp_apply",
     "mlp_init",

@@ -21,7 +21,9 @@ float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
   ``im2col(ḡ) @ flip(W₂)ᵀ``, kernel gradient ``im2col(σ(a₁))ᵀ @ ḡ``. The 1×1 layers, biases and
   activations of an image run in the same loop iteration, so its intermediates stay in cache; the
   backward pass keeps only the two pre-activations ``a₁, a₂`` of every image as residuals and
-  computes all cotangents of an image in one iteration (no XLA convolution transpose).
+  computes all cotangents of an image in one iteration (no XLA convolution transpose). Jit the
+  step with :func:`ncode_jax.compiler_options` on CPU: XLA's default (YNNPACK) convolution runs on
+  one core, its own on all (the block 1.09–1.3× faster, ``benchmarks/README.md``).
 * ``"grouped"`` (accelerators; what ``"auto"`` picks on GPU/TPU) — batched ops, no loop over
   images: the 1×1 layers are batched matrix products, the 3×3 convolution a *grouped*
   convolution (batch folded into channels, ``feature_group_count=B``) for the forward pass and

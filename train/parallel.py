@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ncode_jax.compiler import compiler_options
 from ncode_jax.sharding import BATCH_AXIS as AXIS
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -140,6 +141,11 @@ class DataParallel:
         return self.mesh.devices.size
 
     @property
+    def backend(self) -> str:
+        """The mesh devices' platform (``"cpu"``, ``"gpu"``, ...)."""
+        return self.mesh.devices.flat[0].platform
+
+    @property
     def is_main(self) -> bool:
         """True on the one process that writes logs, metrics, summaries and figures."""
         return jax.process_index() == 0
@@ -194,14 +200,16 @@ class DataParallel:
             ) -> Callable:
         """``jax.jit(fn)`` with the positional arguments in ``batch_argnums`` sharded along the batch
         axis and every other argument and every output replicated, traced under the mesh (so batch
-        loops in the model stay per device); ``.lower(*args)`` for HLO inspection. ``fn`` may
-        already be jitted (the outer shardings then govern)."""
+        loops in the model stay per device), compiled with :func:`ncode_jax.compiler_options` of the
+        mesh's backend; ``.lower(*args)`` for HLO inspection. ``fn`` may already be jitted (the
+        outer shardings then govern)."""
 
         @functools.cache
         def jitted(n: int) -> Callable:  # one compiled function per argument count
             shardings = [self.batch_sharding if i in batch_argnums else self.replicated for i in range(n)]
             return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=self.replicated,
-                           donate_argnums=tuple(donate_argnums))
+                           donate_argnums=tuple(donate_argnums),
+                           compiler_options=compiler_options(self.backend))
 
         def under_mesh(call: Callable) -> Callable:
             def run(*args):
