@@ -125,3 +125,21 @@ def test_flow_regularisers_enter_the_autoncode_loss_only(capsys):
                           "/nonexistent/x", "--set", "model=ae", "--set", "kinetic=0.1"])
     err = capsys.readouterr().err
     assert rc == 2 and "needs a latent flow; the AE has none" in err and len(err.splitlines()) == 1, err
+
+
+def test_every_solver_key_reaches_the_latent_flow(capsys):
+    """The config's solver keys are the latent flow's (before: only t1, solver, dt, rtol, atol and
+    adjoint were passed on; checkpoints, max_steps, seminorm and batch were dropped silently)."""
+    cfg = tiny_config(model="ncode", checkpoints=4, max_steps=7, batch="vmap")
+    task = autoencode.Task(cfg)
+    want = {k: v for k, v in cfg.solve.kwargs().items() if k != "t0"}
+    assert task.model.solve_options == want
+    # max_steps takes effect: 4 rk4 steps of dt 2.5 cover [0, 10]; 3 do not
+    task = autoencode.Task(tiny_config(model="ncode", max_steps=3))
+    params, stats = task.init(jax.random.key(0))
+    with pytest.raises(Exception, match="max_steps=3"):
+        task.eval_sums(params, stats, task.test.images[:4], task.test.labels[:4], np.ones(4))
+    rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir",
+                          "/nonexistent/x", "--set", "t0=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "starts at t0 = 0" in err and len(err.splitlines()) == 1, err

@@ -81,8 +81,9 @@ class Task(engine.Task):
         c = config
         self.load(c.dataset, (c.train_split, c.test_split), c.train_examples)
         arch = architecture(c.coders, latent_dim=c.latent_dim, widths=c.widths, kernel=c.kernel)
-        solve = {k: v for k, v in c.solve.kwargs().items() if k in ("t1", "solver", "dt", "rtol", "atol",
-                                                                       "adjoint")}
+        solve = c.solve.kwargs()
+        if solve.pop("t0") != 0:  # every solver key reaches the model; x(0) = 1 is defined at t = 0
+            raise ValueError(f"t0={c.solve.t0}: the AutoN-CODE latent flow starts at t0 = 0 (set t1 instead)")
         self.model = autoencoder(c.model, arch, tuple(self.train.image_shape), likelihood=c.likelihood,
                                  control_scale=c.control_scale, **solve)
         # training adds the flow regularisers as a running cost; evaluation solves without it

@@ -43,7 +43,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..dynamics import Dynamics
 from ..fields import SparseLinearField
 from ..regularizers import regularizer_args
-from ..solve import Solution, solve
+from ..solve import Solution, check_options, solve
 from .coders import Architecture
 
 MODEL_KINDS = ("ae", "vae", "ncode")
@@ -66,8 +66,10 @@ class Output(NamedTuple):
 class Autoencoder:
     """An ``ae``, ``vae`` or ``ncode`` autoencoder for images of ``image_shape = (h, w, c)``.
 
-    ``t1`` and the solver settings (``solver``, ``dt``, ``rtol``, ``atol``, ``adjoint``) are
-    those of the AutoN-CODE latent flow; ``offsets`` its sparse pattern (``(0, 1)``: two
+    ``t1`` and the solver settings (``solver``, ``dt``, ``rtol``, ``atol``, ``adjoint``,
+    ``max_steps``, ``checkpoints``, ``seminorm``, ``batch``: :func:`ncode_jax.solve`'s options,
+    validated by its :func:`~ncode_jax.check_options`) are those of the AutoN-CODE latent flow,
+    which starts at ``t = 0``; ``offsets`` its sparse pattern (``(0, 1)``: two
     non-zeros per row); ``control_scale`` the initial scale of the controls' normalisation (small,
     so that ``t1·A(θ)`` starts with entries of order one).
     """
@@ -82,6 +84,10 @@ class Autoencoder:
     rtol: float = 1e-4
     atol: float = 1e-6
     adjoint: str = "checkpoint"
+    max_steps: int | None = None
+    checkpoints: int | None = None
+    seminorm: bool = False
+    batch: str = "system"
     offsets: tuple[int, ...] = (0, 1)
     control_scale: float = 0.1
     running_cost: Any = None  # AutoN-CODE only: a running cost ℓ on the latent flow (regularizers)
@@ -97,6 +103,14 @@ class Autoencoder:
                              f"{MODEL_LABELS[self.kind]} has none: set kinetic=0 and jacobian=0")
         if not self.t1 > 0 or not self.control_scale > 0:
             raise ValueError(f"need t1 > 0 and control_scale > 0, got {self.t1}, {self.control_scale}")
+        check_options(**self.solve_options)
+
+    @property
+    def solve_options(self) -> dict:
+        """The latent flow's keyword arguments of :func:`ncode_jax.solve` (``t0 = 0``)."""
+        return {"t1": self.t1, "solver": self.solver, "dt": self.dt, "rtol": self.rtol, "atol": self.atol,
+                "adjoint": self.adjoint, "max_steps": self.max_steps, "checkpoints": self.checkpoints,
+                "seminorm": self.seminorm, "batch": self.batch}
 
     # ------------------------------------------------------------------ structure
 
@@ -196,8 +210,7 @@ class Autoencoder:
         ``t1`` or ``(len(ts), B, n)`` at ``ts``; ``sol.cost`` is ``∫ ℓ dt`` of ``running_cost``."""
         x0 = jnp.broadcast_to(self.x0.astype(theta.dtype), (theta.shape[0], self.latent_dim))
         return solve(Dynamics(self.field, running_cost=self.running_cost), x0, theta, {"cost": cost_args},
-                     t1=self.t1, ts=ts, solver=self.solver, dt=self.dt, rtol=self.rtol, atol=self.atol,
-                     adjoint=self.adjoint)
+                     ts=ts, **self.solve_options)
 
     def _latent(self, enc, *, key=None, ts=None):
         n = self.latent_dim
@@ -288,5 +301,5 @@ class Autoencoder:
 
 def autoencoder(kind: str, arch: Architecture, image_shape: tuple[int, int, int], **options) -> Autoencoder:
     """Build an :class:`Autoencoder` (``options``: likelihood, t1, solver, dt, rtol, atol,
-    adjoint, offsets, control_scale)."""
+    adjoint, max_steps, checkpoints, seminorm, batch, offsets, control_scale)."""
     return Autoencoder(kind, arch, tuple(int(s) for s in image_shape), **options)
