@@ -4,6 +4,9 @@ Pass them to the ``jax.jit`` of a training step::
 
     step = jax.jit(step, compiler_options=ncode_jax.compiler_options())
 
+(:func:`jit` does this lazily; the training engine, the FID/digit-feature networks and
+``train.autoencode_eval`` compile with them.)
+
 What they change, and why (measured on the 2-core CPU of this project's machines, jaxlib 0.10.2;
 numbers in ``benchmarks/README.md``, "Fourth session"):
 
@@ -14,8 +17,9 @@ numbers in ``benchmarks/README.md``, "Fourth session"):
   (0.47 ms; batch 8: 2.8 ms against YNNPACK's 4.3 ms). Its kernel-gradient convolutions are slower
   still: plain autodiff of a shared-kernel conv block took 587 ms with YNNPACK and 117 ms without.
   The options keep every other default YNNPACK fusion (dot, reduce) and leave only convolutions to
-  XLA. The per-sample conv block (``impl="map"``) becomes ~1.3× faster, the conv N-CODE training
-  step ~8%; programs without a YNNPACK convolution (e.g. a 16-channel block) compile unchanged.
+  XLA. The per-sample conv block (``impl="map"``) becomes 1.09–1.3× faster, the conv N-CODE
+  training step ~8% on one device, the Inception-v3 forward of the FID 1.9× (8 images, 1454 →
+  752 ms); programs without a YNNPACK convolution (e.g. a 16-channel block) compile unchanged.
 * **Other backends:** none (``{}``).
 
 An ``xla_cpu_experimental_ynn_fusion_type`` in ``XLA_FLAGS`` is the user's choice and wins: the
@@ -28,6 +32,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +81,23 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
         return {}
     opts = _cpu_options()
     return opts if _accepted(tuple(sorted(opts.items()))) else {}
+
+
+def jit(fn: Callable, **jit_kwargs) -> Callable:
+    """``jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs)``, built at the first call.
+
+    For module-level jitted functions (the FID and digit-feature networks): building lazily means
+    importing the module starts no JAX backend (``XLA_FLAGS`` such as a CPU device count can still
+    be set after the import), and the options are those of the backend in use at that call.
+    ``.lower(*args)`` lowers the same function."""
+
+    @functools.cache
+    def build() -> Callable:
+        return jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return build()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: build().lower(*args, **kwargs)
+    return call

@@ -83,3 +83,16 @@ def test_training_engine_jit_compiles_with_them():
     step = dp.jit(lambda th, x: fn(x, th), batch_argnums=(1,))
     hlo = step.lower(theta, x).compile().as_text()
     assert dp.backend == "cpu" and _ynn_convolutions(hlo) == 0
+
+
+def test_lazy_jit_builds_at_the_first_call_with_the_options(monkeypatch):
+    built = []
+    real = compiler.compiler_options
+    monkeypatch.setattr(compiler, "compiler_options", lambda: built.append(1) or real())
+    fn, args = _block_grad()
+    lazy = compiler.jit(fn)
+    assert built == []  # defining it touched nothing
+    ref = jax.jit(fn)(*args)
+    for a, b in zip(jax.tree.leaves(lazy(*args)), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)
+    assert _ynn_convolutions(lazy.lower(*args).compile().as_text()) == 0 and built == [1]

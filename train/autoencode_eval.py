@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ncode_jax.compiler import jit as nc_jit
 from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
 from ncode_jax.metrics.batching import map_batches
 from ncode_jax.metrics.fid import fid_from_features
@@ -94,8 +94,8 @@ def evaluate_model(run, train, test, features: Features, real_feats, *, componen
     """Metrics for one trained model (a :func:`~train.engine.load_run` result) and the arrays the
     figures need."""
     cfg, model, variables = run.config, run.model, run.params
-    latent = jax.jit(model.latent)
-    decode = jax.jit(model.decode)
+    latent = nc_jit(model.latent)  # compiled with ncode_jax.compiler_options (conv coders)
+    decode = nc_jit(model.decode)
     t0 = time.perf_counter()
     codes_test = batched(lambda x: latent(variables, x), test.images)
     codes_fit = codes_test if fit_split == "test" else batched(lambda x: latent(variables, x), train.images)
@@ -189,7 +189,7 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     if "ncode" in arrays:
         a = arrays["ncode"]
         ts = jnp.linspace(0.0, a["model"].t1, 11)
-        _, decoded = jax.jit(a["model"].orbit)(a["variables"], jnp.asarray(test.images[pick]), ts)
+        _, decoded = nc_jit(a["model"].orbit)(a["variables"], jnp.asarray(test.images[pick]), ts)
         figures.plot_orbit(np.asarray(ts), np.asarray(decoded), test.images[pick], out / "orbit.png")
     pairs = rng.choice(test.num_examples, size=(2, 2), replace=False)
     interp = {}

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compiler import jit
 from ..data.images import Dataset
 from .batching import map_batches
 from .fid import fid_from_features
@@ -99,8 +100,8 @@ def logits(params: dict, images, mean, std):
     return _features(params, images, mean, std) @ params["out_w"] + params["out_b"]
 
 
-_features_jit = jax.jit(_features)
-_logits_jit = jax.jit(logits)
+_features_jit = jit(_features)
+_logits_jit = jit(logits)
 
 
 def pixels01(dataset: Dataset) -> np.ndarray:
