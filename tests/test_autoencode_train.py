@@ -140,6 +140,6 @@ def test_every_solver_key_reaches_the_latent_flow(capsys):
     with pytest.raises(Exception, match="max_steps=3"):
         task.eval_sums(params, stats, task.test.images[:4], task.test.labels[:4], np.ones(4))
     rc = autoencode.main(["--config", "train/configs/autoencode_mnist5k_cpu.py", "--workdir",
-                          "/nonexistent/x", "--set", "t0=1"])
+                          "/nonexistent/x", "--set", "model=ncode", "--set", "t0=1"])
     err = capsys.readouterr().err
     assert rc == 2 and "starts at t0 = 0" in err and len(err.splitlines()) == 1, err

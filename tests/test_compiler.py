@@ -1,8 +1,12 @@
 """ncode_jax.compiler_options: which options, what they change in the compiled program, and that
 they change nothing in the values (float32, as training runs)."""
 
+import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +100,32 @@ def test_lazy_jit_builds_at_the_first_call_with_the_options(monkeypatch):
     for a, b in zip(jax.tree.leaves(lazy(*args)), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)
     assert _ynn_convolutions(lazy.lower(*args).compile().as_text()) == 0 and built == [1]
+
+
+_TWO_DEVICES = """
+import warnings
+warnings.simplefilter("error")  # a refusal warning fails the check
+import jax
+from tests.test_compiler import _block_grad, _ynn_convolutions
+from train.parallel import DataParallel
+dp = DataParallel.create(2)
+fn, (x, theta) = _block_grad()
+step = dp.jit(lambda th, x: fn(x, th), batch_argnums=(1,))
+step(theta, x)  # the first call: options computed, probe compiled, all under a 2-device mesh
+assert _ynn_convolutions(step.lower(theta, x).compile().as_text()) == 0
+import ncode_jax as nc
+assert nc.compiler_options("cpu") != {}
+print("ok")
+"""
+
+
+def test_engine_jit_on_two_devices_keeps_the_options():
+    """Before: the options' probe compiled on cpu:0 under the engine's 2-device mesh, failed, and
+    was taken for a refusal, so every multi-device run (and FID after it) lost the options."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+    env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -69,6 +69,9 @@ class AutoencodeConfig(Config):
                            "latent_dim", "kernel", "num_devices"), minimum=1)
         check_range(self, ("lr", "control_scale"), minimum=0, strict=True)
         check_range(self, ("seed", "kinetic", "jacobian"), minimum=0)
+        if self.model == "ncode" and self.solve.t0 != 0:
+            raise ValueError(f"t0={self.solve.t0}: the AutoN-CODE latent flow starts at t0 = 0 "
+                             "(set t1 instead)")
 
 
 class Task(engine.Task):
@@ -81,9 +84,7 @@ class Task(engine.Task):
         c = config
         self.load(c.dataset, (c.train_split, c.test_split), c.train_examples)
         arch = architecture(c.coders, latent_dim=c.latent_dim, widths=c.widths, kernel=c.kernel)
-        solve = c.solve.kwargs()
-        if solve.pop("t0") != 0:  # every solver key reaches the model; x(0) = 1 is defined at t = 0
-            raise ValueError(f"t0={c.solve.t0}: the AutoN-CODE latent flow starts at t0 = 0 (set t1 instead)")
+        solve = {k: v for k, v in c.solve.kwargs().items() if k != "t0"}  # every other solver key
         self.model = autoencoder(c.model, arch, tuple(self.train.image_shape), likelihood=c.likelihood,
                                  control_scale=c.control_scale, **solve)
         # training adds the flow regularisers as a running cost; evaluation solves without it

@@ -204,12 +204,13 @@ class DataParallel:
         mesh's backend; ``.lower(*args)`` for HLO inspection. ``fn`` may already be jitted (the
         outer shardings then govern)."""
 
+        opts = compiler_options(self.backend)  # here, not under the mesh: its probe compiles
+
         @functools.cache
         def jitted(n: int) -> Callable:  # one compiled function per argument count
             shardings = [self.batch_sharding if i in batch_argnums else self.replicated for i in range(n)]
             return jax.jit(fn, in_shardings=tuple(shardings), out_shardings=self.replicated,
-                           donate_argnums=tuple(donate_argnums),
-                           compiler_options=compiler_options(self.backend))
+                           donate_argnums=tuple(donate_argnums), compiler_options=opts)
 
         def under_mesh(call: Callable) -> Callable:
             def run(*args):
