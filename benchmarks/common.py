@@ -127,6 +127,21 @@ def pick_devices(device: str):
     return jdev, "cuda"
 
 
+XLA_VARIANTS = ("ncode", "default")  # --xla: ncode_jax.compiler_options (as training) or XLA's own
+
+
+def add_xla_flag(parser) -> None:
+    """``--xla {ncode,default} ...``: the compiler options the JAX variants are timed with."""
+    parser.add_argument("--xla", nargs="+", choices=XLA_VARIANTS, default=["ncode"],
+                        help="JAX compiler options: 'ncode' = ncode_jax.compiler_options() (what the "
+                             "training engine uses), 'default' = XLA's defaults; both: timed side by side")
+
+
+def xla_options(variant: str, platform: str) -> dict:
+    """The ``compiler_options`` of one ``--xla`` variant on ``platform``."""
+    return nc.compiler_options(platform) if variant == "ncode" else {}
+
+
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     """Times (ms) of ``repeats`` calls of each ``(call, reset)``, alternating the order per
     repeat; ``reset`` runs outside the timed region."""

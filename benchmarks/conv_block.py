@@ -45,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ncode_jax import ConvBlockField, compiler_options
+from ncode_jax import ConvBlockField
 
-from .common import matmul_peak, time_fn, write_results
+from .common import add_xla_flag, matmul_peak, time_fn, write_results, xla_options
 
 PER_SAMPLE_IMPLS = ("map", "conv_map", "grouped")
 XLA_DEFAULT = "_xla_default"  # suffix of the rows compiled with XLA's default options (--xla default)
@@ -99,9 +99,7 @@ def main(argv=None):
     p.add_argument("--skip-naive", action="store_true", help="skip the slow vmap(conv) baseline")
     p.add_argument("--impls", nargs="+", choices=PER_SAMPLE_IMPLS, default=list(PER_SAMPLE_IMPLS),
                    help="per-sample ConvBlockField implementations timed")
-    p.add_argument("--xla", nargs="+", choices=("ncode", "default"), default=["ncode"],
-                   help="compiler options: 'ncode' = ncode_jax.compiler_options() (rows without a "
-                        f"suffix), 'default' = XLA's defaults (rows ending in {XLA_DEFAULT})")
+    add_xla_flag(p)  # rows of the 'default' variant end in XLA_DEFAULT
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch", action="store_true", help="also time the PyTorch per-sample variants (CPU)")
     p.add_argument("--torch-repeats", type=int, default=5)
@@ -134,28 +132,27 @@ def main(argv=None):
     noise = jnp.asarray(rng.standard_normal((b, fast.num_params)), jnp.float32)
     theta_b = jax.device_put(theta + 0.1 * fast.layout.init_std() * noise, dev)
 
-    def fwd_bwd(field, opts=None):
+    def fwd_bwd(field, xla="ncode"):
         def loss(x, th):
             return 0.5 * jnp.sum(field(0.0, x, th) ** 2)
 
-        opts = compiler_options(dev.platform) if opts is None else opts
-        return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=opts)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=xla_options(xla, dev.platform))
 
     variants = {}
     for xla in dict.fromkeys(args.xla):  # suffix "" = ncode_jax.compiler_options (what training uses)
-        sfx, opts = ("", None) if xla == "ncode" else (XLA_DEFAULT, {})
-        variants[f"shared{sfx}"] = (fwd_bwd(fast, opts), theta)
-        variants[f"shared_lax{sfx}"] = (fwd_bwd(ref, opts), theta)
+        sfx = "" if xla == "ncode" else XLA_DEFAULT
+        variants[f"shared{sfx}"] = (fwd_bwd(fast, xla), theta)
+        variants[f"shared_lax{sfx}"] = (fwd_bwd(ref, xla), theta)
         for impl in args.impls:
             field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
-            variants[f"per_sample_{impl}{sfx}"] = (fwd_bwd(field, opts), theta_b)
+            variants[f"per_sample_{impl}{sfx}"] = (fwd_bwd(field, xla), theta_b)
     timed = list(variants)
     variants["naive"] = (fwd_bwd(ref), theta_b)
     flops = 3 * fast.flops(b)
     xla_flops = variants[timed[1]][0].lower(x, theta).compile().cost_analysis().get("flops")
     print(f"conv block {args.channels}->{args.hidden}->{args.hidden}->{args.channels}, batch {b}, "
           f"{s}x{s}, f32, {dev}, forward+backward (grad x, theta): analytic {flops / 1e9:.3f} GFLOP "
-          f"(XLA cost analysis of shared_lax: {xla_flops / 1e9:.3f})", flush=True)
+          f"(XLA cost analysis of {timed[1]}: {xla_flops / 1e9:.3f})", flush=True)
 
     with jax.default_device(dev):
         peak_before = matmul_peak()
@@ -164,11 +161,11 @@ def main(argv=None):
     rounds = {k: [] for k in timed}
     compile_s = {}
     ps = [k for k in timed if k.startswith("per_sample_")]
-    sfx = lambda k: XLA_DEFAULT if k.endswith(XLA_DEFAULT) else ""  # noqa: E731
-    per_round_ratio = {f"{k}/shared{sfx(k)}": [] for k in ps}
-    per_round_ratio.update({f"{k}/per_sample_conv_map{sfx(k)}": [] for k in ps
+    suffix = lambda k: XLA_DEFAULT if k.endswith(XLA_DEFAULT) else ""  # noqa: E731
+    per_round_ratio = {f"{k}/shared{suffix(k)}": [] for k in ps}
+    per_round_ratio.update({f"{k}/per_sample_conv_map{suffix(k)}": [] for k in ps
                             if not k.startswith("per_sample_conv_map")
-                            and f"per_sample_conv_map{sfx(k)}" in ps})
+                            and f"per_sample_conv_map{suffix(k)}" in ps})
     per_round_ratio.update({f"{k}/{k}{XLA_DEFAULT}": [] for k in timed if f"{k}{XLA_DEFAULT}" in timed})
     for r in range(args.rounds):
         for name in timed:
@@ -221,7 +218,7 @@ def main(argv=None):
         "settings": {"batch": b, "size": s, "channels": args.channels, "hidden": args.hidden,
                      "dtype": "float32", "repeats": args.repeats, "rounds": args.rounds,
                      "naive_repeats": 0 if skip_naive else naive_repeats, "impls": args.impls,
-                     "xla": args.xla, "compiler_options": compiler_options(dev.platform),
+                     "xla": args.xla, "compiler_options": xla_options("ncode", dev.platform),
                      "device": str(dev), "loadavg_1_5_15_end": list(os.getloadavg())},
         "flops_fwd_bwd_analytic": flops,
         "flops_fwd_bwd_xla_shared_lax": xla_flops,

@@ -54,12 +54,12 @@ import jax
 import numpy as np
 import optax
 
-from ncode_jax.compiler import compiler_options
 from ncode_jax.conv import IMPLS, resolve_impl
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 
 from .common import (
     RESULTS,
+    add_xla_flag,
     eval_flops,
     hardware_fraction,
     interleaved,
@@ -69,6 +69,7 @@ from .common import (
     summarize,
     time_fn,
     write_results,
+    xla_options,
 )
 
 PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -> torch call
@@ -131,7 +132,7 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
         images, labels = jax.device_put((images, labels), rows)
 
     def make_step(clf, kw, xla):
-        opts = compiler_options(jdev.platform) if xla == "ncode" else {}
+        opts = xla_options(xla, jdev.platform)
         def loss_fn(p, x, y):
             logits, sol = clf(p, x, **kw)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), sol.stats["nfe"]
@@ -283,9 +284,7 @@ def main(argv=None):
     p.add_argument("--checkpoints", nargs="+", default=["default"],
                    help="checkpoint adjoint: 'default' (diffrax, O(log n), recomputes), 'steps' (one "
                         "per rk4 step: no recomputation) or a number; several values are timed side by side")
-    p.add_argument("--xla", nargs="+", choices=("ncode", "default"), default=["ncode"],
-                   help="JAX compiler options: 'ncode' = ncode_jax.compiler_options() (what the "
-                        "training engine uses), 'default' = XLA's defaults; both: timed side by side")
+    add_xla_flag(p)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=1e-3)
