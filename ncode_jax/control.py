@@ -124,4 +124,6 @@ class Feedback:
         theta = jnp.broadcast_to(theta, (b, self.layout.size))
         flat = x.reshape(b, -1)
         tt = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b, 1))
-        return mlp_apply(params["mlp"], jnp.concatenate([theta, flat, tt], axis=-1), self.act)
+        # θ-sized output at every solver stage: bias folded into the last product (see mlp_apply)
+        return mlp_apply(params["mlp"], jnp.concatenate([theta, flat, tt], axis=-1), self.act,
+                         fold_last_bias=True)

@@ -74,14 +74,17 @@ class ParamLayout:
             raise TypeError(f"{who} must be a floating-point array, got dtype {theta.dtype}")
 
     def unflatten(self, theta: Float[Array, "*batch P"]) -> dict[str, Array]:
-        """Cut ``theta`` of shape ``(*batch, P)`` into ``{name: (*batch, *shape)}``."""
+        """Cut ``theta`` of shape ``(*batch, P)`` into ``{name: (*batch, *shape)}``.
+
+        One ``jnp.split``, not a slice per weight: the cotangent of a split is one concatenation
+        of the weights' cotangents, where a slice's is a zero-padded θ-sized array per weight,
+        summed (six ``(B, P)`` pads and adds per field evaluation in the backward pass of a conv
+        N-CODE; benchmarks/README.md, "Fifth session"). Same values either way."""
         self.check(theta)
         batch = theta.shape[:-1]
-        out, start = {}, 0
-        for s in self.specs:
-            out[s.name] = theta[..., start : start + s.size].reshape(*batch, *s.shape)
-            start += s.size
-        return out
+        cuts = np.cumsum([s.size for s in self.specs])[:-1].tolist()
+        parts = jnp.split(theta, cuts, axis=-1)
+        return {s.name: part.reshape(*batch, *s.shape) for s, part in zip(self.specs, parts)}
 
     def flatten(self, weights: dict[str, Array]) -> Float[Array, "*batch P"]:
         """Inverse of :meth:`unflatten`; the batch shape is read from the first weight."""

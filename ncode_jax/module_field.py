@@ -114,13 +114,7 @@ class ModuleLayout(ParamLayout):
 
     def unflatten_tree(self, theta: Float[Array, "*batch P"]) -> Any:
         """Cut ``theta`` ``(*batch, P)`` into the parameter PyTree, leaves ``(*batch, *shape)``."""
-        self.check(theta)
-        batch = theta.shape[:-1]
-        leaves, start = [], 0
-        for s in self.specs:
-            leaves.append(theta[..., start : start + s.size].reshape(*batch, *s.shape))
-            start += s.size
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return jax.tree_util.tree_unflatten(self.treedef, list(self.unflatten(theta).values()))
 
     def flatten_tree(self, params: Any, who: str = "params") -> Float[Array, "*batch P"]:
         """Inverse of :meth:`unflatten_tree`: a PyTree (leaves ``(*batch, *shape)``) to θ."""

@@ -1,6 +1,7 @@
 """Fields and layouts: flat θ ↔ named weights, shared vs per-sample θ, sparse pattern, errors."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,6 +57,30 @@ def test_layout_roundtrip(batch):
     # and the other way round
     w2 = {k: _normal(1, v.shape) for k, v in w.items()}
     assert tree_allclose(LAYOUT.unflatten(LAYOUT.flatten(w2)), w2, rtol=0)
+
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive of a jaxpr, sub-jaxprs included."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out |= _primitives(sub)
+    return out
+
+
+def test_layout_cotangent_is_one_concatenation():
+    """The cotangent of θ from the weights' cotangents: one concatenation. A slice per weight
+    would give a zero-padded θ-sized array per weight and their sum (6 (B, P) pads + adds per
+    conv-field evaluation in the backward pass)."""
+    theta = _normal(0, (3, LAYOUT.size))
+    _, vjp = jax.vjp(LAYOUT.unflatten, theta)
+    cot = {k: _normal(i + 1, v.shape) for i, (k, v) in enumerate(LAYOUT.unflatten(theta).items())}
+    prims = _primitives(jax.make_jaxpr(vjp)(cot).jaxpr)
+    assert "concatenate" in prims and not prims & {"pad", "add_any"}, prims
+    (dtheta,) = vjp(cot)
+    np.testing.assert_array_equal(dtheta, LAYOUT.flatten(cot))
 
 
 def test_layout_init():
@@ -209,3 +234,31 @@ def test_constructor_errors():
         MLPField(0, 4)
     with pytest.raises(ValueError, match="repeat a column"):
         SparseLinearField(4, offsets=(0, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# mlp_apply (controllers γ, g)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mlp_folded_last_bias_is_the_same_function():
+    """``fold_last_bias``: ``[x, 1] @ [[W], [b]]`` equals ``x @ W + b`` in value and gradients
+    (float64), and the bias gradient is part of the matrix product: no sum over the batch."""
+    from ncode_jax import mlp_apply, mlp_init
+
+    params = mlp_init(jax.random.PRNGKey(0), (6, 5, 9), dtype=jnp.float64)
+    params[-1]["b"] = _normal(3, (9,))
+    x = _normal(4, (7, 6))
+
+    def loss(p, x, fold):
+        return jnp.sum(jnp.sin(mlp_apply(p, x, "tanh", fold_last_bias=fold)))
+
+    assert tree_allclose(jax.value_and_grad(loss, (0, 1))(params, x, True),
+                         jax.value_and_grad(loss, (0, 1))(params, x, False), rtol=1e-12)
+    one_layer = params[-1:]
+    for fold, batch_sum in ((False, True), (True, False)):
+        _, vjp = jax.vjp(lambda p, fold=fold: mlp_apply(p, x[:, :5], fold_last_bias=fold), one_layer)
+        sums = [e for e in jax.make_jaxpr(vjp)(_normal(5, (7, 9))).jaxpr.eqns
+                if e.primitive.name == "reduce_sum"
+                and any(e.invars[0].aval.shape[a] > 1 for a in e.params["axes"])]
+        assert bool(sums) == batch_sum, (fold, sums)
