@@ -124,6 +124,8 @@ class Feedback:
         theta = jnp.broadcast_to(theta, (b, self.layout.size))
         flat = x.reshape(b, -1)
         tt = jnp.broadcast_to(jnp.asarray(t, x.dtype), (b, 1))
-        # θ-sized output at every solver stage: bias folded into the last product (see mlp_apply)
+        # θ-sized output at every solver stage: on CPU the bias is folded into the last matrix
+        # product (see mlp_apply); not on accelerators, whose default matmul precision (TF32, bf16
+        # passes) would round the bias, and whose batch sums are not the slow part
         return mlp_apply(params["mlp"], jnp.concatenate([theta, flat, tt], axis=-1), self.act,
-                         fold_last_bias=True)
+                         fold_last_bias=jax.default_backend() == "cpu")

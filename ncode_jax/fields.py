@@ -196,5 +196,7 @@ class SparseLinearField(VectorField):
         return dense_a
 
     def apply(self, t, x, w):
-        a = w["a"]
-        return sum(a[..., k] * jnp.roll(x, -o, axis=-1) for k, o in enumerate(self.offsets))
+        # one product with the stacked shifts, not a slice of a per offset: the cotangent of a is
+        # then one array, not a zero-padded a per offset summed (ParamLayout.unflatten, same reason)
+        shifted = jnp.stack([jnp.roll(x, -o, axis=-1) for o in self.offsets], axis=-1)
+        return jnp.sum(w["a"] * shifted, axis=-1)

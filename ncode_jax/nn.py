@@ -51,7 +51,10 @@ def mlp_apply(params: MLPParams, x: Array, act: str = "tanh", *, fold_last_bias:
     closed-loop g (θ-sized output at every solver stage): XLA:CPU's (YNNPACK) sum of a
     ``(64, 23711)`` cotangent over the batch took 7.5 ms against 0.66 ms for XLA's own loop, and
     the folded layer's forward + VJP 2.4 ms against 7.7 ms (benchmarks/README.md, "Fifth session");
-    for narrow layers (``(256, 32) → 64``) it is slightly slower (0.17 vs 0.15 ms).
+    for narrow layers (``(256, 32) → 64``) it is slightly slower (0.17 vs 0.15 ms). The bias
+    then goes through the matrix product at its precision: exact to f32/f64 rounding on CPU, but
+    rounded like the weights under a reduced default matmul precision (TF32 on recent GPUs, bf16
+    passes on TPU), which is why :class:`~ncode_jax.control.Feedback` folds on CPU only.
     """
     sigma = activation(act)
     for i, layer in enumerate(params):

@@ -70,11 +70,12 @@ def _primitives(jaxpr) -> set[str]:
     return out
 
 
-def test_layout_cotangent_is_one_concatenation():
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_layout_cotangent_is_one_concatenation(batch):
     """The cotangent of θ from the weights' cotangents: one concatenation. A slice per weight
     would give a zero-padded θ-sized array per weight and their sum (6 (B, P) pads + adds per
     conv-field evaluation in the backward pass)."""
-    theta = _normal(0, (3, LAYOUT.size))
+    theta = _normal(0, (*batch, LAYOUT.size))
     _, vjp = jax.vjp(LAYOUT.unflatten, theta)
     cot = {k: _normal(i + 1, v.shape) for i, (k, v) in enumerate(LAYOUT.unflatten(theta).items())}
     prims = _primitives(jax.make_jaxpr(vjp)(cot).jaxpr)
@@ -249,6 +250,8 @@ def test_mlp_folded_last_bias_is_the_same_function():
     params = mlp_init(jax.random.PRNGKey(0), (6, 5, 9), dtype=jnp.float64)
     params[-1]["b"] = _normal(3, (9,))
     x = _normal(4, (7, 6))
+    x3 = _normal(6, (2, 3, 6))  # several leading axes
+    np.testing.assert_allclose(mlp_apply(params, x3, fold_last_bias=True), mlp_apply(params, x3), rtol=1e-12)
 
     def loss(p, x, fold):
         return jnp.sum(jnp.sin(mlp_apply(p, x, "tanh", fold_last_bias=fold)))
@@ -262,3 +265,18 @@ def test_mlp_folded_last_bias_is_the_same_function():
                 if e.primitive.name == "reduce_sum"
                 and any(e.invars[0].aval.shape[a] > 1 for a in e.params["axes"])]
         assert bool(sums) == batch_sum, (fold, sums)
+
+
+def test_sparse_field_cotangent_has_no_per_offset_pads():
+    """``SparseLinearField``: the cotangent of its weights ``a (B, dim, K)`` is one product, not a
+    zero-padded ``a`` per offset summed; values and gradients equal the dense matrix's."""
+    field = SparseLinearField(6, offsets=(0, 1, -2))
+    theta, x = _normal(0, (4, field.num_params)), _normal(1, (4, 6))
+    a = field.layout.unflatten(theta)["a"]
+    _, vjp = jax.vjp(lambda a: field.apply(0.0, x, {"a": a}), a)
+    prims = _primitives(jax.make_jaxpr(vjp)(_normal(2, (4, 6))).jaxpr)
+    assert not prims & {"pad", "add_any", "scatter-add", "dynamic_update_slice"}, prims
+    dense = lambda th, x: jnp.einsum("bij,bj->bi", field.matrix(th), x)  # noqa: E731
+    loss = lambda f: lambda th, x: jnp.sum(jnp.sin(f(th, x)))  # noqa: E731
+    assert tree_allclose(jax.grad(loss(lambda th, x: field(0.0, x, th)), (0, 1))(theta, x),
+                         jax.grad(loss(dense), (0, 1))(theta, x), rtol=1e-12)
