@@ -2,18 +2,20 @@
 
 Smaller than the paper: 16 hidden channels instead of 50 (the 10 augmented channels are the
 paper's), fixed-step rk4 with 3 steps on [0, 1] (12 evaluations) instead of an adaptive solver
-(4 steps until 2026-12-01: 16 evaluations, 1.33× the time per training step, the same held-out
-accuracy within the ±0.5 points one seed moves by: 96.9% against 97.0% on 2 devices).
+(4 steps until 2026-12-01: 16 evaluations, 1.25× the time per training step measured
+interleaved, 217.7 vs 174.0 ms on 2 devices; the same held-out accuracy within the ±0.5 points one
+seed moves by: 96.9% against 97.0% on 2 devices).
 With only 4,000 training images the paper's plain recipe overfits (92.8% held-out after 6 epochs,
 100% batch accuracy), so this config adds what a small-data run needs: random shifts of up to
 2 pixels, a linear read-out of x(T) average-pooled 2×2 (still linear in x(T), 4× fewer weights),
 batch 32, AdamW (weight decay 1e-4) with 100 warm-up steps and cosine decay over 10 epochs.
 
 ``checkpoints=3`` stores all 3 rk4 steps for the backward pass: the same gradient, computed
-without recomputation (``solve``'s stored-steps path), 1.3× faster per step.
+without recomputation (``solve``'s stored-steps path), 1.3× faster per step (measured with 4
+steps).
 
 Command (``num_devices=2``: one CPU device per core, each running its half of the batch's
-per-image loop; the same global batch and gradient, 1.35× faster again)::
+per-image loop; the same global batch and gradient, 1.35× faster again with 4 steps)::
 
     python -m train.classify --config train/configs/mnist5k_cpu.py --workdir runs/mnist5k --set model=open \
         --set num_devices=2
