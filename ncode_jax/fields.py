@@ -171,6 +171,14 @@ class SparseLinearField(VectorField):
 
     def __post_init__(self):
         _check_positive("SparseLinearField", dim=self.dim)
+        try:
+            offsets = tuple(self.offsets)
+        except TypeError:
+            raise ValueError(
+                f"SparseLinearField: offsets must be a tuple of ints, got {self.offsets!r}") from None
+        if any(isinstance(o, bool) or not isinstance(o, (int, np.integer)) for o in offsets):
+            raise ValueError(f"SparseLinearField: offsets must be integers, got {self.offsets!r}")
+        object.__setattr__(self, "offsets", tuple(int(o) for o in offsets))  # hashable, static
         if not self.offsets:
             raise ValueError("SparseLinearField needs at least one offset (non-zero per row)")
         cols = {o % self.dim for o in self.offsets}

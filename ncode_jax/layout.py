@@ -42,6 +42,8 @@ class ParamLayout:
     specs: tuple[ParamSpec, ...]
 
     def __post_init__(self):
+        if not self.specs:
+            raise ValueError("ParamLayout needs at least one ParamSpec (a field without weights has no θ)")
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names):
             raise ValueError(f"ParamLayout: duplicate weight names in {names}")
@@ -64,7 +66,11 @@ class ParamLayout:
         return out
 
     def check(self, theta: Array, who: str = "theta") -> None:
-        """Raise a ValueError unless ``theta`` has shape ``(..., P)`` and a float dtype."""
+        """Raise a ValueError unless ``theta`` has shape ``(..., P)`` and a float dtype (a
+        TypeError if it is not an array at all)."""
+        if not hasattr(theta, "ndim") or not hasattr(theta, "dtype"):
+            raise TypeError(
+                f"{who} must be an array of shape (..., P={self.size}), got {type(theta).__name__}")
         if theta.ndim < 1 or theta.shape[-1] != self.size:
             raise ValueError(
                 f"{who} has shape {tuple(theta.shape)}, but this layout needs a last axis of "
@@ -79,11 +85,13 @@ class ParamLayout:
         One ``jnp.split``, not a slice per weight: the cotangent of a split is one concatenation
         of the weights' cotangents, where a slice's is a zero-padded θ-sized array per weight,
         summed (six ``(B, P)`` pads and adds per field evaluation in the backward pass of a conv
-        N-CODE; benchmarks/README.md, "Fifth session"). Same values either way."""
+        N-CODE; benchmarks/README.md, "Fifth session"). Same values either way; a NumPy θ gives
+        NumPy weights (views), as slicing did."""
         self.check(theta)
         batch = theta.shape[:-1]
         cuts = np.cumsum([s.size for s in self.specs])[:-1].tolist()
-        parts = jnp.split(theta, cuts, axis=-1)
+        split = np.split if isinstance(theta, np.ndarray) else jnp.split  # numpy in, numpy out
+        parts = split(theta, cuts, axis=-1)
         return {s.name: part.reshape(*batch, *s.shape) for s, part in zip(self.specs, parts)}
 
     def flatten(self, weights: dict[str, Array]) -> Float[Array, "*batch P"]:

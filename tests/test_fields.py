@@ -108,6 +108,18 @@ def test_layout_errors():
         LAYOUT.flatten({"w": w["w"], "k": w["k"]})
     with pytest.raises(ValueError, match="'k'"):
         LAYOUT.flatten({**w, "k": jnp.zeros((2, 3))})
+    with pytest.raises(TypeError, match="array of shape .*P=22.*got list"):
+        LAYOUT.unflatten([0.0] * 22)
+    with pytest.raises(ValueError, match="at least one ParamSpec"):
+        ParamLayout(())
+
+
+def test_layout_keeps_numpy_numpy():
+    """A NumPy θ gives NumPy weights of its dtype (float64 stays float64 without x64)."""
+    theta = np.arange(2.0 * LAYOUT.size).reshape(2, LAYOUT.size)
+    w = LAYOUT.unflatten(theta)
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float64 for v in w.values())
+    np.testing.assert_array_equal(np.asarray(LAYOUT.flatten(w)), theta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +247,11 @@ def test_constructor_errors():
         MLPField(0, 4)
     with pytest.raises(ValueError, match="repeat a column"):
         SparseLinearField(4, offsets=(0, 4))
+    for bad in ((0.5,), (0, True), 3):
+        with pytest.raises(ValueError, match="offsets must be"):
+            SparseLinearField(4, offsets=bad)
+    listed = SparseLinearField(4, offsets=[0, np.int64(1)])  # a list is taken as a tuple: hashable
+    assert listed.offsets == (0, 1) and hash(listed) == hash(SparseLinearField(4, offsets=(0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------

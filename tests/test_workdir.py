@@ -226,3 +226,19 @@ def test_config_values_of_the_wrong_type_are_refused():
                            ({"solve": {"dt": "abc"}}, "solve.dt='abc': expected float or none")]:
         with pytest.raises(UserError, match=re.escape(message)):
             build(autoencode.AutoencodeConfig, layer)
+
+
+
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) during training: one ``error:`` line, exit code 130, no
+    traceback (resuming after a kill: the tests above and in test_classify/test_autoencode_train)."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "run_configs", interrupted)
+    assert toy.main(["--workdir", str(tmp_path), *FLAGS, "--steps", "4"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    want = "error: interrupted: the same command resumes from the last saved checkpoint"
+    assert err.strip().splitlines() == [want]

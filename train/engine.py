@@ -436,6 +436,8 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
         return error(e, 2)
     except FloatingPointError as e:
         return error(e, 1)
+    except KeyboardInterrupt:
+        return error("interrupted: the same command resumes from the last saved checkpoint", 130)
     return 0
 
 
