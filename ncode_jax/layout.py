@@ -89,7 +89,7 @@ class ParamLayout:
         NumPy weights (views), as slicing did."""
         self.check(theta)
         batch = theta.shape[:-1]
-        cuts = np.cumsum([s.size for s in self.specs])[:-1].tolist()
+        cuts = [stop for _, stop in self.offsets().values()][:-1]
         split = np.split if isinstance(theta, np.ndarray) else jnp.split  # numpy in, numpy out
         parts = split(theta, cuts, axis=-1)
         return {s.name: part.reshape(*batch, *s.shape) for s, part in zip(self.specs, parts)}
