@@ -194,10 +194,63 @@ class SolveConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _stored_steps(term, solver, t0, t1, dt0, n: int, z0, args) -> tuple[State, dict]:
-    """``n`` fixed steps of ``solver`` from ``t0`` (the last one ending exactly at ``t1``) as one
-    ``lax.scan``: the state at ``t1`` and diffrax-style stats. Reverse mode stores every stage's
-    residuals (memory O(n)); nothing is recomputed.
+def _fma(a, b, c):
+    """``a·b + c`` rounded once, elementwise (XLA:CPU contracts diffrax's step-end formula to a
+    fused multiply-add), through float64 for float32 and ``np.longdouble`` for float64: the two
+    roundings can leave it 1 ULP off."""
+    wide = np.float64 if np.asarray(a).dtype == np.float32 else np.longdouble
+    return (np.asarray(a, wide) * np.asarray(b, wide) + np.asarray(c, wide)).astype(np.asarray(a).dtype)
+
+
+def _flipped(t0: float, t1: float, dt: float, dtype):
+    """diffrax's increasing frame ``s = ±t``: ``(sign, s0, s1, h, n)`` in ``dtype``, with
+    ``n = ceil((s1 - s0) / nextafter(h))`` its ``ConstantStepSize`` step count."""
+    sign = 1 if t1 > t0 else -1
+    s0, s1, h = (np.asarray(v, dtype) for v in (sign * t0, sign * t1, dt))
+    n = int(np.ceil((s1 - s0) / np.nextafter(h, np.asarray(np.inf, dtype))))
+    return sign, s0, s1, h, max(n, 1)
+
+
+def fixed_step_count(t0: float, t1: float, dt: float, dtype) -> int:
+    """The number of steps diffrax's ``ConstantStepSize`` takes from ``t0`` to ``t1`` with step
+    ``dt > 0`` in the time dtype ``dtype`` (at most; see :func:`fixed_step_grid`):
+    ``ceil(|t1 - t0| / nextafter(dt))`` in that dtype — 3 for ``dt = 1/3`` or ``0.33333333`` on
+    [0, 1] in float32, 4 for ``dt = 0.3``."""
+    return _flipped(t0, t1, dt, np.dtype(dtype))[-1]
+
+
+def fixed_step_grid(t0: float, t1: float, dt: float, dtype) -> np.ndarray:
+    """The times diffrax's ``ConstantStepSize`` steps through from ``t0`` to ``t1`` with step
+    ``dt > 0`` in the time dtype ``dtype``: ``(steps + 1,)``, first ``t0``, last ``t1``.
+
+    diffrax 0.7 (``ConstantStepSize.init``/``adapt_step_size``, ``_clip_to_end`` and the first
+    step in ``diffrax/_integrate.py``) works on ``s = ±t`` (increasing) with
+    ``n =`` :func:`fixed_step_count`, makes its first step ``dt`` (cut at ``t1``) and ends step
+    ``k ≥ 2`` at ``s0 + (s1 - s0)·k/n`` (``s1`` for ``k = n``, or where that lies within 100 ULP
+    of ``s1``). So a ``dt`` that does not divide the interval gives an even grid after the first
+    step (``dt = 0.3`` on [0, 1]: 0, 0.3, 0.5, 0.75, 1), and one that divides it up to rounding
+    (``1/3``, ``0.33333333`` in float32) gives ``n`` equal steps. Computed in NumPy with the same
+    float operations: the same number of steps as diffrax, times within 1 ULP of its own.
+    """
+    dtype = np.dtype(dtype)
+    sign, s0, s1, h, n = _flipped(t0, t1, dt, dtype)
+    first = min(s0 + h, s1)
+    if first == s1:
+        return (np.asarray([s0, s1], dtype) * sign).astype(dtype)
+    floor = s1
+    for _ in range(100):  # diffrax: t1 - 100 ULP, above which a step end is rounded to t1
+        floor = np.nextafter(floor, np.asarray(-np.inf, dtype))
+    k = np.arange(2, n + 1)
+    ends = _fma(np.full(k.shape, s1 - s0, dtype), k.astype(dtype) / np.asarray(n, dtype), s0)
+    last = np.flatnonzero((ends > floor) | (k == n))[0]  # k = n is always there
+    grid = np.concatenate([[s0, first], ends[:last], [s1]]).astype(dtype)
+    return (grid * sign).astype(dtype)
+
+
+def _stored_steps(term, solver, grid: np.ndarray, z0, args) -> tuple[State, dict]:
+    """The fixed steps ``grid[k] -> grid[k + 1]`` of ``solver`` (:func:`fixed_step_grid`) as one
+    ``lax.scan``: the state at ``grid[-1]`` and diffrax-style stats. Reverse mode stores every
+    stage's residuals (memory O(steps)); nothing is recomputed.
 
     An explicit Runge–Kutta solver's step is written out stage by stage from its Butcher tableau
     (:func:`_erk_step`): diffrax's own ``step`` runs the stages in a checkpointed loop, whose
@@ -205,24 +258,24 @@ def _stored_steps(term, solver, t0, t1, dt0, n: int, z0, args) -> tuple[State, d
     ``step``."""
     tableau = getattr(solver, "tableau", None)
     erk = isinstance(tableau, diffrax.ButcherTableau) and isinstance(solver, diffrax.AbstractERK)
+    t0 = jnp.asarray(grid[0])
     if erk:
         f0 = term.vf(t0, z0, args) if tableau.fsal else None
         carry0 = (z0, f0)
     else:
-        carry0 = (z0, solver.init(term, t0, t0 + dt0, z0, args))
+        carry0 = (z0, solver.init(term, t0, jnp.asarray(grid[1]), z0, args))
 
-    def body(carry, k):
+    def body(carry, times):
         z, aux = carry
-        ta = t0 + k * dt0
-        tb = jnp.where(k == n - 1, t1, t0 + (k + 1) * dt0)
+        ta, tb = times
         if erk:
             z, aux = _erk_step(tableau, term, ta, tb, z, args, aux)
         else:
             z, _, _, aux, _ = solver.step(term, ta, tb, z, args, aux, made_jump=False)
         return (z, aux), None
 
-    (z, _), _ = jax.lax.scan(body, carry0, jnp.arange(n, dtype=jnp.asarray(t0).dtype))
-    steps = jnp.asarray(n, jnp.int32)
+    (z, _), _ = jax.lax.scan(body, carry0, (jnp.asarray(grid[:-1]), jnp.asarray(grid[1:])))
+    steps = jnp.asarray(len(grid) - 1, jnp.int32)
     return z, {"num_steps": steps, "num_accepted_steps": steps, "num_rejected_steps": jnp.zeros_like(steps)}
 
 
@@ -546,8 +599,9 @@ def solve(
           the exact gradient of the discrete solve that was computed (it matches central finite
           differences to ~1e-9 in float64, ``tests/test_gradients.py``). Memory grows with the
           number of steps (O(log n) checkpoints, recomputing the rest); ``checkpoints=n`` stores
-          ``n`` states instead. With fixed steps that divide the interval, ``checkpoints >=``
-          their number and no ``ts``, the solve is one ``lax.scan`` of explicit Runge–Kutta steps
+          ``n`` states instead. With fixed steps, ``checkpoints >=`` their number
+          (:func:`fixed_step_count`) and no ``ts``, the solve is one ``lax.scan`` over diffrax's
+          own step times (:func:`fixed_step_grid`) of explicit Runge–Kutta steps
           written out stage by stage from the solver's Butcher tableau, which stores every
           stage's residuals and evaluates the field once per stage, backward pass included
           (memory O(steps); diffrax's checkpointed loop evaluates the field 3.5× per stage in a
@@ -632,24 +686,23 @@ def solve(
     t0 = jnp.asarray(t0, dtype)
     t1 = jnp.asarray(t1, dtype)
     ts = None if ts is None else jnp.asarray(ts, dtype)
-    fixed_steps, divides = None, False  # the number of fixed steps, when known at trace time
+    fixed_steps = None  # diffrax's number of fixed steps, when known at trace time
     if dt is not None and static_times:
-        span = abs(t1_ - t0_)
-        fixed_steps = max(1, math.ceil(span / dt - 1e-9))
-        divides = abs(fixed_steps * dt - span) <= 1e-9 * max(1.0, span)  # diffrax shortens other grids
+        fixed_steps = fixed_step_count(t0_, t1_, dt, dtype)  # the solve's step budget
     if max_steps is None:
         max_steps = fixed_steps if fixed_steps is not None else DEFAULT_ADAPTIVE_MAX_STEPS
     # checkpoint adjoint, fixed steps, every step checkpointed and nothing saved but x(t1): one
     # lax.scan of written-out RK steps, differentiated by JAX with every stage's residuals stored
     # (diffrax's checkpointed loop evaluates each stage 3.5 times in a training step)
-    store_all = (adjoint == "checkpoint" and fixed_steps is not None and divides and ts is None
+    store_all = (adjoint == "checkpoint" and fixed_steps is not None and ts is None
                  and checkpoints is not None and checkpoints >= fixed_steps and max_steps >= fixed_steps)
+    grid = fixed_step_grid(t0_, t1_, dt, dtype) if store_all else None  # diffrax's own times
     if dt is None:
         dt0 = None
     elif forward is None:
         dt0 = jnp.where(t1 > t0, dt, -dt).astype(dtype)
     else:
-        dt0 = dt if forward else -dt
+        dt0 = float(dt) if forward else -float(dt)  # a Python float: times in the state dtype, as in the grid
 
     budget = (  # advice for a solve that ran out of steps (worded before tolerances are traced)
         f"use a larger dt (now {dt}; {max_steps} steps cover {max_steps * dt:g} time units)"
@@ -719,7 +772,7 @@ def solve(
         z0, theta_const = dynamics.initial_state(x0_, theta0_)
         args = {"theta": theta_const, "feedback": feedback, "cost": cost_args}
         if store_all:
-            ys, sol_stats = _stored_steps(term, info.make(), t0, t1, dt0, fixed_steps, z0, args)
+            ys, sol_stats = _stored_steps(term, info.make(), grid, z0, args)
             bad_ys = _not_finite(ys)
             ok, nonfinite, t_now, last_dt = ~bad_ys, bad_ys, t1, dt0
             result = diffrax.RESULTS.successful  # a NaN state is named through nonfinite and bad_ys

@@ -5,6 +5,7 @@ Python floats there too), and fall back to diffrax where it does not apply."""
 
 import sys
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +50,61 @@ def test_stored_steps_equal_the_diffrax_path(kind, solver, dt, t1, batch, monkey
     assert tree_rel_err(g, g_ref) < 1e-12
 
 
+@pytest.mark.parametrize("dtype, dt, t1", [
+    (jnp.float64, 0.15, -0.8),  # reverse time, does not divide: an uneven grid
+    (jnp.float32, 0.33333333, 1.0),  # 3 steps in float32 (ceil(1 / 0.33333333) = 4 in float64)
+    pytest.param(jnp.float64, 0.3, 1.0, marks=pytest.mark.slow),  # diffrax's 0, 0.3, 0.5, 0.75, 1
+    pytest.param(jnp.float32, 0.3, 1.0, marks=pytest.mark.slow),
+])
+def test_stored_steps_take_diffrax_grid_for_any_dt(dtype, dt, t1, monkeypatch):
+    # the stored-steps path used to need dt to divide the interval to 1e-9 (in float64), so a dt
+    # like 0.3, or 0.33333333 in float32, silently fell back to diffrax's recomputing loop
+    model = nc.NCODE.build("closed", nc.MLPField(2, 8, time_dependent=True), (2,), hidden=(8,),
+                           feedback_hidden=(8,))
+    params = model.init(jax.random.key(0), dtype)
+    x0 = X0.astype(dtype)
+    taken = []
+    real = SOLVE._stored_steps
+    monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(a[2]) or real(*a))
+
+    def run(checkpoints):
+        def loss(p):
+            sol = model(p, x0, solver="rk4", dt=dt, t1=t1, adjoint="checkpoint", checkpoints=checkpoints)
+            return jnp.sum(sol.x ** 2), sol.stats
+        (v, stats), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return float(v), {k: np.asarray(v).tolist() for k, v in stats.items()}, g
+
+    v_ref, s_ref, g_ref = run(None)
+    assert not taken
+    v, s, g = run(100)
+    assert len(taken) == 1
+    assert len(taken[0]) - 1 == s_ref["num_steps"] == s["num_steps"]
+    assert s == s_ref
+    tol = 1e-12 if dtype == jnp.float64 else 1e-5
+    assert v == pytest.approx(v_ref, rel=tol)
+    assert tree_rel_err(g, g_ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fixed_step_grid_is_diffrax_grid(dtype):
+    rng = np.random.default_rng(0)
+    cases = [(0.0, 1.0, 0.3), (0.0, 1.0, 1 / 3), (0.0, 1.0, 0.33333333), (0.0, 1.0, 0.999999),
+             (0.0, 1.0, 1.5), (0.2, -0.5, 0.25), (1.0, 0.0, 0.3), (0.0, 0.7, 0.1)]
+    cases += list(zip(rng.uniform(-2, 2, 12), rng.uniform(-2, 2, 12), rng.uniform(0.02, 1.5, 12)))
+    term = diffrax.ODETerm(lambda t, y, a: jnp.ones_like(y))
+    steps = jax.jit(lambda t0, t1, dt0: diffrax.diffeqsolve(  # times traced: one compilation
+        term, diffrax.Euler(), t0, t1, dt0, jnp.zeros(1, dtype), max_steps=256,
+        saveat=diffrax.SaveAt(steps=True)).ts)
+    for t0, t1, dt in cases:
+        t0, t1, dt = (*(float(np.asarray(t, dtype)) for t in (t0, t1)), float(dt))  # solve's own types
+        ts = np.asarray(steps(*(jnp.asarray(v, dtype) for v in (t0, t1, dt if t1 > t0 else -dt))))
+        want = np.concatenate([[t0], ts[np.isfinite(ts)]]).astype(dtype)
+        grid = SOLVE.fixed_step_grid(t0, t1, dt, dtype)
+        assert grid.dtype == dtype and grid.shape == want.shape, (t0, t1, dt, grid, want)
+        assert SOLVE.fixed_step_count(t0, t1, dt, dtype) == len(want) - 1
+        np.testing.assert_array_max_ulp(grid, want, maxulp=1)  # rounding the fused multiply-add twice
+
+
 def test_stored_steps_gradient_matches_finite_differences():
     model = nc.NCODE.build("closed", nc.MLPField(2, 8), (2,), hidden=(8,), feedback_hidden=(8,))
     params = model.init(jax.random.key(1), jnp.float64)
@@ -63,7 +119,6 @@ def test_stored_steps_gradient_matches_finite_differences():
 
 @pytest.mark.parametrize("opts", [
     dict(checkpoints=3),  # fewer checkpoints than the 4 steps
-    dict(checkpoints=4, dt=0.3),  # 0.3 does not divide [0, 1]: diffrax shortens the grid its own way
     dict(checkpoints=4, ts=jnp.linspace(0.0, 1.0, 3)),  # saved times: dense output
     dict(checkpoints=4, max_steps=3),  # a budget the solve exceeds: diffrax names it
 ])
