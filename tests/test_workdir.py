@@ -223,9 +223,18 @@ def test_config_values_of_the_wrong_type_are_refused():
     for layer, message in [({"epochs": True}, "epochs=True: expected int"),
                            ({"lr": False}, "lr=False: expected float"),
                            ({"widths": "4,x"}, "widths='4,x': expected a comma list of ints"),
-                           ({"solve": {"dt": "abc"}}, "solve.dt='abc': expected float or none")]:
+                           ({"solve": {"dt": "abc"}}, "solve.dt='abc': expected float or none"),
+                           ({"solve": {"dt": "1/0"}}, "solve.dt='1/0': expected float or none"),
+                           ({"epochs": "4/2"}, "epochs='4/2': expected int")]:
         with pytest.raises(UserError, match=re.escape(message)):
             build(autoencode.AutoencodeConfig, layer)
+
+
+def test_a_float_can_be_written_as_a_fraction():
+    # `--set dt=1/3`: the step size that makes 3 rk4 steps on [0, 1] (was refused as not a float)
+    for text in ("1/3", " 1 / 3 "):
+        assert build(autoencode.AutoencodeConfig, {"solve": {"dt": text}}).solve.dt == 1 / 3
+    assert build(autoencode.AutoencodeConfig, {"lr": "3/1000"}).lr == 0.003
 
 
 

@@ -13,9 +13,11 @@ documented command to ``--config.key`` or absl flags; pydantic does the typing u
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import importlib.util
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -82,14 +84,20 @@ def _options(typ) -> tuple[list, bool]:
     return [typ], False
 
 
+_FRACTION = re.compile(r"\s*[-+]?\d+\s*/\s*\d+\s*")
+
+
 def _text(value: Any, typ) -> Any:
-    """Command-line spellings pydantic does not read: ``none`` for None, ``16,16`` for tuples."""
+    """Command-line spellings pydantic does not read: ``none`` for None, ``16,16`` for tuples,
+    ``1/3`` for a float (a fraction of integers, e.g. a step size ``dt=1/3``)."""
     kinds, optional = _options(typ)
     if isinstance(value, str):
         if optional and value.strip().lower() == "none":
             return None
         if any(typing.get_origin(k) is tuple for k in kinds):
             return [v for v in value.strip().strip("()[]").replace(" ", "").split(",") if v]
+        if float in kinds and _FRACTION.fullmatch(value) and int(value.split("/")[1]) != 0:
+            return float(fractions.Fraction(value.replace(" ", "")))
     return value
 
 
