@@ -25,10 +25,11 @@ loops run per device, as ``train/parallel.py`` does): the same two cores, but ea
 per-image loop keeps one core busy, where a single device's loop runs on about one core.
 
 JAX's step is one ``jax.jit``; torch runs eagerly with ``torch.set_num_threads(--threads)`` and the
-per-sample convolution ``--torch-conv`` (default: the fastest measured, see
-``benchmarks/torch_baseline/conv.py``). Steps are interleaved per repeat; medians after a warm-up
-call; first-call time (JAX: trace + compile + run) reported separately; NFE forward and, for
-torch, of the backward pass.
+per-sample convolution ``--torch-conv`` (default ``vmap``, the fastest measured, see
+``benchmarks/torch_baseline/conv.py``; several, e.g. ``--torch-conv unfold vmap grouped``, are each
+timed interleaved with every JAX variant, one row per pair). Steps are interleaved per repeat;
+medians after a warm-up call; first-call time (JAX: trace + compile + run) reported separately;
+NFE forward and, for torch, of the backward pass.
 
 Fraction of the hardware limit: model FLOPs per step = forward NFE × the XLA cost analysis of one
 evaluation of the right-hand side with its VJP (``benchmarks.common.eval_flops``; recomputation
@@ -160,33 +161,39 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
         jax_fns[label] = dict(call=make_step(_with_impl(clf0, impl), kw, xla), impl=impl,
                               resolved_impl=resolve_impl(impl), checkpoints=ck, xla=xla)
 
-    tmodel = load_jax_params(ConvNCODE(kind, shape, hidden=args.hidden, conv_impl=args.torch_conv),
-                             jax.device_get(params)).to(tdev)
-    topt = torch.optim.Adam(tmodel.parameters(), lr=args.lr, fused=True)
-    tx = torch.as_tensor(np.array(images), device=tdev)
-    ty = torch.as_tensor(np.array(labels), device=tdev, dtype=torch.long)
-    p0 = [p.detach().clone() for p in tmodel.parameters()]
     torch_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol,
                     adjoint=adjoint == "backsolve")
     sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+    tx = torch.as_tensor(np.array(images), device=tdev)
+    ty = torch.as_tensor(np.array(labels), device=tdev, dtype=torch.long)
 
-    def tstep():
-        topt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(tmodel(tx, **torch_kw), ty)
-        loss.backward()
-        topt.step()
-        sync()
-        return loss.detach()
+    def torch_step(conv):
+        """``(step, reset, model)`` of the torch step with per-sample convolution ``conv``."""
+        tmodel = load_jax_params(ConvNCODE(kind, shape, hidden=args.hidden, conv_impl=conv),
+                                 jax.device_get(params)).to(tdev)
+        topt = torch.optim.Adam(tmodel.parameters(), lr=args.lr, fused=True)
+        p0 = [p.detach().clone() for p in tmodel.parameters()]
 
-    def treset():
-        with torch.no_grad():
-            for p, q in zip(tmodel.parameters(), p0):
-                p.copy_(q)
+        def tstep():
+            topt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(tmodel(tx, **torch_kw), ty)
+            loss.backward()
+            topt.step()
+            sync()
+            return loss.detach()
+
+        def treset():
+            with torch.no_grad():
+                for p, q in zip(tmodel.parameters(), p0):
+                    p.copy_(q)
+
+        return tstep, treset, tmodel
 
     # FLOPs of one right-hand-side evaluation (+ VJP), from the loop-free twin of the field
     twin = _with_impl(clf0, "reference").flow
     flops = eval_flops(twin, params["flow"], images)
-    return dict(jax=jax_fns, torch=(tstep, treset), tmodel=tmodel, flops=flops)
+    return dict(jax=jax_fns, torch={conv: torch_step(conv) for conv in dict.fromkeys(args.torch_conv)},
+                flops=flops)
 
 
 def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
@@ -194,16 +201,18 @@ def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
     interleaved, so every ratio compares steps timed side by side."""
     case = build_case(kind, solver, adjoint, args=args, jdev=jdev, tdev=tdev)
     fns = {f"jax:{k}": (v["call"], lambda: None) for k, v in case["jax"].items()}
-    fns["torch"] = case["torch"]
+    fns.update({f"torch:{conv}": (step, reset) for conv, (step, reset, _) in case["torch"].items()})
     warm = {k: time_fn(lambda c=call, r=reset: (r(), c())[1], repeats=1) for k, (call, reset) in fns.items()}
-    case["torch"][1]()
-    tloss = case["torch"][0]()
-    tm = case["tmodel"]
-    trow = {"first_call_s": warm["torch"]["compile_s"], "nfe_fwd": tm.last_nfe,
-            "nfe_bwd": tm.counter.nfe - tm.last_nfe, "loss": float(tloss)}
+    trows = {}
+    for conv, (step, reset, tm) in case["torch"].items():
+        reset()
+        tloss = step()
+        trows[conv] = {"first_call_s": warm[f"torch:{conv}"]["compile_s"], "nfe_fwd": tm.last_nfe,
+                       "nfe_bwd": tm.counter.nfe - tm.last_nfe, "loss": float(tloss)}
     times = interleaved(fns, args.repeats)
-    trow.update(summarize(times["torch"]))
-    trow.update(hardware_fraction(trow["nfe_fwd"] * case["flops"]["fwd_bwd"], trow["median_ms"], peak))
+    for conv, trow in trows.items():
+        trow.update(summarize(times[f"torch:{conv}"]))
+        trow.update(hardware_fraction(trow["nfe_fwd"] * case["flops"]["fwd_bwd"], trow["median_ms"], peak))
     rows = []
     for label, v in case["jax"].items():
         _, _, jloss, jnfe = v["call"]()
@@ -211,23 +220,25 @@ def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
         jrow = {"first_call_s": warm[key]["compile_s"], "nfe_fwd": int(jnfe), "loss": float(jloss),
                 **summarize(times[key])}
         jrow.update(hardware_fraction(jrow["nfe_fwd"] * case["flops"]["fwd_bwd"], jrow["median_ms"], peak))
-        row = {"kind": kind, "solver": solver, "dt": args.dt if solver == "rk4" else None,
-               "rtol": None if solver == "rk4" else args.rtol, "atol": None if solver == "rk4" else args.atol,
-               "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": args.batch, "t1": args.t1,
-               "jax_impl": v["impl"], "jax_impl_resolved": v["resolved_impl"],
-               "jax_checkpoints": v["checkpoints"], "jax_compiler_options": v["xla"], "variant": label,
-               "torch_conv": args.torch_conv, "eval_flops": case["flops"], "jax": jrow, "torch": dict(trow)}
-        row["ratio_torch_over_jax"] = round(trow["median_ms"] / jrow["median_ms"], 2)
-        row["ratio_median_of_pairs"] = round(statistics.median(
-            t / j for t, j in zip(times["torch"], times[key])), 2)
-        rows.append(row)
+        for conv, trow in trows.items():
+            fixed = solver == "rk4"
+            row = {"kind": kind, "solver": solver, "dt": args.dt if fixed else None,
+                   "rtol": None if fixed else args.rtol, "atol": None if fixed else args.atol,
+                   "jax_adjoint": adjoint, "torch_call": PAIRS[adjoint], "batch": args.batch, "t1": args.t1,
+                   "jax_impl": v["impl"], "jax_impl_resolved": v["resolved_impl"],
+                   "jax_checkpoints": v["checkpoints"], "jax_compiler_options": v["xla"], "variant": label,
+                   "torch_conv": conv, "eval_flops": case["flops"], "jax": jrow, "torch": dict(trow)}
+            row["ratio_torch_over_jax"] = round(trow["median_ms"] / jrow["median_ms"], 2)
+            row["ratio_median_of_pairs"] = round(statistics.median(
+                t / j for t, j in zip(times[f"torch:{conv}"], times[key])), 2)
+            rows.append(row)
     return rows
 
 
 def fmt_row(r) -> str:
     j, t = r["jax"], r["torch"]
     return (f"{r['kind']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
-            f"{r['variant']:26s} "
+            f"{r['variant']:26s} torch conv {r['torch_conv']:7s} "
             f"B={r['batch']:<4d} JAX {j['median_ms']:8.1f} ms (nfe {j['nfe_fwd']:3d}, first "
             f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak)  torch "
             f"{t['median_ms']:8.1f} ms (nfe {t['nfe_fwd']:3d}+{t['nfe_bwd']:3d}, "
@@ -251,7 +262,8 @@ def plot(rows, path, title):
         ax.text(i, max(jm[i], tm[i]) * 1.03, f"{r['ratio_torch_over_jax']:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(x)
     ax.set_xticklabels([f"{r['kind']} {r['solver']}\n{r['jax_adjoint']} {r['variant']}\n"
-                        f"vs {r['torch_call']}\nfwd NFE {r['jax']['nfe_fwd']}/{r['torch']['nfe_fwd']}"
+                        f"vs {r['torch_call']} ({r['torch_conv']})\n"
+                        f"fwd NFE {r['jax']['nfe_fwd']}/{r['torch']['nfe_fwd']}"
                         for r in rows], fontsize=8)
     ax.set_ylabel("ms per training step (median)")
     ax.set_ylim(0, max(jm + tm) * 1.2)
@@ -288,8 +300,9 @@ def main(argv=None):
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--torch-conv", choices=CONV_IMPLS, default=DEFAULT_CONV_IMPL,
-                   help="torch per-sample convolution")
+    p.add_argument("--torch-conv", nargs="+", choices=CONV_IMPLS, default=[DEFAULT_CONV_IMPL],
+                   help="torch per-sample convolution(s); several are timed side by side, each "
+                        "interleaved with every JAX variant")
     p.add_argument("--devices", type=int, default=1,
                    help="CPU: run the JAX step data-parallel on this many simulated CPU devices")
     p.add_argument("--tag", default="", help="suffix for the output file names")
@@ -309,7 +322,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     jdev, tdev = pick_devices(args.device)
     print(f"JAX {jax.__version__} on {jdev} | torch {torch.__version__} on {tdev}, "
-          f"{torch.get_num_threads()} thread(s), conv {args.torch_conv} | repeats {args.repeats} | "
+          f"{torch.get_num_threads()} thread(s), conv {' '.join(args.torch_conv)} | repeats {args.repeats} | "
           f"JAX step on {args.devices} of {jax.device_count()} device(s)", flush=True)
     load_start = os.getloadavg()
     with jax.default_device(jdev):
@@ -340,7 +353,8 @@ def main(argv=None):
                                "rows": rows})
     png = RESULTS / f"{name}.png"
     plot(rows, png, f"Conv N-CODE classifier training step, {args.device}, batch {args.batch}, "
-                    f"{args.size}x{args.size}, torch threads={args.threads}, conv={args.torch_conv}")
+                    f"{args.size}x{args.size}, torch threads={args.threads}, "
+                    f"conv={'/'.join(args.torch_conv)}")
     print(f"matmul peak before/after: {peak_before['gflops']:.1f}/{peak_after['gflops']:.1f} GFLOP/s")
     print(f"wrote {out} and {png}")
 

@@ -17,27 +17,26 @@ Flattening is NHWC on the JAX side; here the NCHW state is never transposed per 
 instead the rows of g's first layer and of the read-out are permuted once per solve.
 
 **Per-sample kernels** (the 3×3 convolution of every image with its own kernel; the 1×1 layers
-are ``torch.baddbmm``). Candidates in :data:`CONV_IMPLS`, forward + backward of the whole
-per-sample block (gradient w.r.t. x and all weights), batch 64, 28×28, 11→50→50→11, float32,
-2 threads (7.1 GFLOP per call):
+are ``torch.baddbmm``). Candidates in :data:`CONV_IMPLS`: ``unfold`` (``F.unfold`` im2col +
+``torch.bmm``, plain autograd), ``loop`` (one batch-1 ``F.conv2d`` per image), ``hybrid`` (custom
+autograd: per-image convolutions forward and for the input gradient, an im2col ``bmm`` for the
+kernel gradient — the JAX strategy), ``grouped`` (``F.conv2d(groups=B)`` on ``(1, B·h, H, W)``)
+and ``vmap`` (``torch.func.vmap(F.conv2d)``, whose batching rule for a batched kernel is a
+grouped convolution too). **``vmap`` is the default**, the fastest measured on this 2-core CPU (torch 2.13.0,
+2 threads), with ``grouped`` level with it:
 
-==========  ==============  ==============  =============================================
-impl        load avg 1–2    load avg ~8     how
-==========  ==============  ==============  =============================================
-unfold      277 ms          2517–3710 ms    ``F.unfold`` (im2col) + ``torch.bmm``, plain
-                                            autograd — the default
-loop        284 ms          19272 ms        one batch-1 ``F.conv2d`` per image, autograd
-hybrid      —               5374 ms         custom autograd: per-image convolutions forward
-                                            and for the input gradient, im2col ``bmm`` for
-                                            the kernel gradient (the JAX strategy)
-grouped     1333 ms         —               ``F.conv2d(groups=B)`` on ``(1, B·h, H, W)``
-vmap        1372 ms         —               ``torch.func.vmap(F.conv2d)`` (a grouped conv)
-==========  ==============  ==============  =============================================
+* whole per-sample block, forward + backward (batch 64, 28×28, 11→50→50→11, f32;
+  ``python -m benchmarks.conv_block --torch``, load 1.3–1.5): ``vmap`` 106.7 ms, ``grouped``
+  122.0, ``unfold`` 204.6;
+* training step (``python -m benchmarks.conv_step --torch-conv unfold vmap grouped``, rk4 16
+  NFE, same run, load 1.0 → 2.0): open loop ``odeint`` 2239 / 2268 / 4885 ms (vmap / grouped /
+  unfold), ``odeint_adjoint`` 2865 / 2805 / 3191; closed loop 2571 / 2597 / 3837 and
+  3516 / 3573 / 4016.
 
-(two scratch runs on the shared 2-core machine; ``python -m benchmarks.conv_block --torch``
-re-measures all of them beside the JAX block — see benchmarks/README.md.) ``unfold`` keeps the
-im2col matrix (``B·9h·H·W`` floats, 90 MB at batch 64) per evaluation for the backward pass:
-1.4 GB for 16 rk4 evaluations under ``odeint``.
+Earlier, loaded runs (load average ~8) had ranked ``unfold`` first (``grouped`` and ``vmap``
+1333–1372 ms per block), which is why it was the default until 2026-12-01; benchmarks/README.md
+has both. ``unfold`` also keeps the im2col matrix (``B·9h·H·W`` floats, 90 MB at batch 64) per
+evaluation for the backward pass: 1.4 GB for 16 rk4 evaluations under ``odeint``.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ __all__ = ["CONV_IMPLS", "DEFAULT_CONV_IMPL", "IMAGE_KINDS", "ConvNCODE", "grads
 
 IMAGE_KINDS = ("node", "anode", "open", "closed")
 CONV_IMPLS = ("unfold", "hybrid", "loop", "grouped", "vmap")
-DEFAULT_CONV_IMPL = "unfold"
+DEFAULT_CONV_IMPL = "vmap"  # the fastest measured here (see the module docstring)
 
 
 # ---------------------------------------------------------------------------------------------
