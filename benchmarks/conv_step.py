@@ -57,6 +57,7 @@ import optax
 
 from ncode_jax.conv import IMPLS, resolve_impl
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
+from ncode_jax.solve import fixed_step_count
 
 from .common import (
     RESULTS,
@@ -86,8 +87,8 @@ def _with_impl(clf, impl):
 def _checkpoints(spec: str, solver: str, args) -> int | None:
     if spec == "default" or solver != "rk4":
         return None  # diffrax's O(log n) checkpoints (adaptive: steps unknown up front)
-    if spec == "steps":
-        return max(1, round(args.t1 / args.dt))
+    if spec == "steps":  # diffrax's step count in float32 (any dt takes the stored-steps path)
+        return fixed_step_count(0.0, args.t1, args.dt, np.float32)
     return int(spec)
 
 
@@ -238,7 +239,7 @@ def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
 def fmt_row(r) -> str:
     j, t = r["jax"], r["torch"]
     return (f"{r['kind']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
-            f"{r['variant']:26s} torch conv {r['torch_conv']:7s} "
+            f"{r.get('variant', ''):26s} torch conv {r.get('torch_conv', ''):7s} "
             f"B={r['batch']:<4d} JAX {j['median_ms']:8.1f} ms (nfe {j['nfe_fwd']:3d}, first "
             f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak)  torch "
             f"{t['median_ms']:8.1f} ms (nfe {t['nfe_fwd']:3d}+{t['nfe_bwd']:3d}, "
@@ -261,8 +262,8 @@ def plot(rows, path, title):
     for i, r in enumerate(rows):
         ax.text(i, max(jm[i], tm[i]) * 1.03, f"{r['ratio_torch_over_jax']:.2f}×", ha="center", fontsize=9)
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{r['kind']} {r['solver']}\n{r['jax_adjoint']} {r['variant']}\n"
-                        f"vs {r['torch_call']} ({r['torch_conv']})\n"
+    ax.set_xticklabels([f"{r['kind']} {r['solver']}\n{r['jax_adjoint']} {r.get('variant', '')}\n"
+                        f"vs {r['torch_call']}{' (' + r['torch_conv'] + ')' if 'torch_conv' in r else ''}\n"
                         f"fwd NFE {r['jax']['nfe_fwd']}/{r['torch']['nfe_fwd']}"
                         for r in rows], fontsize=8)
     ax.set_ylabel("ms per training step (median)")

@@ -27,7 +27,6 @@ Writes ``benchmarks/results/toy_step[_<sweep>][<tag>].json`` and a ``.png`` besi
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 
@@ -37,6 +36,7 @@ import numpy as np
 import optax
 
 import ncode_jax as nc
+from ncode_jax.solve import fixed_step_count
 
 from .common import (
     RESULTS,
@@ -64,7 +64,7 @@ def checkpoints_for(spec: str, solver_name: str, t1: float) -> int | None:
         return None
     if spec == "steps":
         dt = SOLVERS[solver_name]["dt"]
-        return ADAPTIVE_CHECKPOINTS if dt is None else max(1, math.ceil(t1 / dt - 1e-9))
+        return ADAPTIVE_CHECKPOINTS if dt is None else fixed_step_count(0.0, t1, dt, np.float32)
     return int(spec)
 PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}  # JAX adjoint -> torch call
 SWEEPS = {"batch": (32, 64, 128, 256, 512, 1024), "horizon": (0.5, 1.0, 2.0, 4.0)}

@@ -213,10 +213,14 @@ def _flipped(t0: float, t1: float, dt: float, dtype):
 
 def fixed_step_count(t0: float, t1: float, dt: float, dtype) -> int:
     """The number of steps diffrax's ``ConstantStepSize`` takes from ``t0`` to ``t1`` with step
-    ``dt > 0`` in the time dtype ``dtype`` (at most; see :func:`fixed_step_grid`):
-    ``ceil(|t1 - t0| / nextafter(dt))`` in that dtype — 3 for ``dt = 1/3`` or ``0.33333333`` on
-    [0, 1] in float32, 4 for ``dt = 0.3``."""
-    return _flipped(t0, t1, dt, np.dtype(dtype))[-1]
+    ``dt > 0`` in the time dtype ``dtype`` (the solve's step budget; :func:`fixed_step_grid` has
+    the times): ``n = ceil(|t1 - t0| / nextafter(dt))`` in that dtype — 3 for ``dt = 1/3`` or
+    ``0.33333333`` on [0, 1] in float32, 4 for ``dt = 0.3`` — except that ``n = 1`` with
+    ``t0 + dt`` rounding to just short of ``t1`` takes 2 steps (the second ends at ``t1``). With
+    millions of steps the 100-ULP clip may end the grid a step or so early: an upper bound then."""
+    dtype = np.dtype(dtype)
+    _, s0, s1, h, n = _flipped(t0, t1, dt, dtype)
+    return 2 if n == 1 and s0 + h < s1 else n
 
 
 def fixed_step_grid(t0: float, t1: float, dt: float, dtype) -> np.ndarray:
@@ -230,7 +234,9 @@ def fixed_step_grid(t0: float, t1: float, dt: float, dtype) -> np.ndarray:
     of ``s1``). So a ``dt`` that does not divide the interval gives an even grid after the first
     step (``dt = 0.3`` on [0, 1]: 0, 0.3, 0.5, 0.75, 1), and one that divides it up to rounding
     (``1/3``, ``0.33333333`` in float32) gives ``n`` equal steps. Computed in NumPy with the same
-    float operations: the same number of steps as diffrax, times within 1 ULP of its own.
+    float operations: the same number of steps as diffrax, times equal to its own up to the
+    rounding of one fused multiply-add (1 ULP, or a few ULP of a time near 0 on an interval
+    around 0: ~1e-17 absolute in float64).
     """
     dtype = np.dtype(dtype)
     sign, s0, s1, h, n = _flipped(t0, t1, dt, dtype)
@@ -240,9 +246,10 @@ def fixed_step_grid(t0: float, t1: float, dt: float, dtype) -> np.ndarray:
     floor = s1
     for _ in range(100):  # diffrax: t1 - 100 ULP, above which a step end is rounded to t1
         floor = np.nextafter(floor, np.asarray(-np.inf, dtype))
-    k = np.arange(2, n + 1)
+    m = max(n, 2)  # n = 1 with t0 + dt short of t1: the second step's end (s0 + 2·span) is clipped
+    k = np.arange(2, m + 1)
     ends = _fma(np.full(k.shape, s1 - s0, dtype), k.astype(dtype) / np.asarray(n, dtype), s0)
-    last = np.flatnonzero((ends > floor) | (k == n))[0]  # k = n is always there
+    last = np.flatnonzero((ends > floor) | (k == m))[0]  # k = m is always there
     grid = np.concatenate([[s0, first], ends[:last], [s1]]).astype(dtype)
     return (grid * sign).astype(dtype)
 

@@ -85,11 +85,23 @@ def test_stored_steps_take_diffrax_grid_for_any_dt(dtype, dt, t1, monkeypatch):
     assert tree_rel_err(g, g_ref) < tol
 
 
+@pytest.mark.parametrize("dtype, t0, t1, dt", [(np.float32, 0.3, 0.1, 0.2), (np.float64, 0.1, 0.8, 0.7)])
+def test_one_step_of_dt_just_short_of_t1_is_two_steps(dtype, t0, t1, dt):
+    # t0 + dt rounds to just below t1: diffrax takes a second, tiny step; the budget was 1 step
+    # (the solve raised "used all max_steps=1 steps") and the stored grid raised IndexError
+    model = nc.NCODE.build("open", nc.MLPField(2, 4), (2,), hidden=(4,))
+    params = model.init(jax.random.key(0), dtype)
+    for checkpoints in (None, 4):
+        sol = model(params, X0.astype(dtype), solver="rk4", t0=t0, t1=t1, dt=dt, checkpoints=checkpoints)
+        assert int(sol.stats["num_steps"]) == 2 and bool(jnp.all(jnp.isfinite(sol.x)))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fixed_step_grid_is_diffrax_grid(dtype):
     rng = np.random.default_rng(0)
     cases = [(0.0, 1.0, 0.3), (0.0, 1.0, 1 / 3), (0.0, 1.0, 0.33333333), (0.0, 1.0, 0.999999),
-             (0.0, 1.0, 1.5), (0.2, -0.5, 0.25), (1.0, 0.0, 0.3), (0.0, 0.7, 0.1)]
+             (0.0, 1.0, 1.5), (0.2, -0.5, 0.25), (1.0, 0.0, 0.3), (0.0, 0.7, 0.1),
+             (0.1, 0.8, 0.7), (0.3, 0.1, 0.2), (1.0, 0.1, 0.9)]  # t0 + dt just short of t1: 2 steps
     cases += list(zip(rng.uniform(-2, 2, 12), rng.uniform(-2, 2, 12), rng.uniform(0.02, 1.5, 12)))
     term = diffrax.ODETerm(lambda t, y, a: jnp.ones_like(y))
     steps = jax.jit(lambda t0, t1, dt0: diffrax.diffeqsolve(  # times traced: one compilation

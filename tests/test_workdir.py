@@ -225,6 +225,7 @@ def test_config_values_of_the_wrong_type_are_refused():
                            ({"widths": "4,x"}, "widths='4,x': expected a comma list of ints"),
                            ({"solve": {"dt": "abc"}}, "solve.dt='abc': expected float or none"),
                            ({"solve": {"dt": "1/0"}}, "solve.dt='1/0': expected float or none"),
+                           ({"lr": "1" * 400 + "/1"}, "expected float"),  # overflows a float
                            ({"epochs": "4/2"}, "epochs='4/2': expected int")]:
         with pytest.raises(UserError, match=re.escape(message)):
             build(autoencode.AutoencodeConfig, layer)

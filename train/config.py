@@ -96,8 +96,11 @@ def _text(value: Any, typ) -> Any:
             return None
         if any(typing.get_origin(k) is tuple for k in kinds):
             return [v for v in value.strip().strip("()[]").replace(" ", "").split(",") if v]
-        if float in kinds and _FRACTION.fullmatch(value) and int(value.split("/")[1]) != 0:
-            return float(fractions.Fraction(value.replace(" ", "")))
+        if float in kinds and _FRACTION.fullmatch(value):
+            try:
+                return float(fractions.Fraction(value.replace(" ", "")))
+            except (ZeroDivisionError, OverflowError, ValueError):
+                return value  # pydantic then refuses it in one line, naming key and value
     return value
 
 
