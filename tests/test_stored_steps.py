@@ -29,7 +29,8 @@ def _loss_and_grad(model, params, **opts):
 
 
 @pytest.mark.parametrize("kind, solver, dt, t1, batch", [
-    ("open", "rk4", 0.25, 1.0, "system"),
+    # open loop + rk4 also in test_stored_steps_take_diffrax_grid_for_any_dt (default run)
+    pytest.param("open", "rk4", 0.25, 1.0, "system", marks=pytest.mark.slow),
     ("closed", "tsit5", 0.25, -0.5, "system"),  # reverse time, an FSAL solver
     pytest.param("closed", "heun", 0.1, 0.7, "vmap", marks=pytest.mark.slow),  # rounded grid, per sample
 ])
@@ -59,8 +60,9 @@ def test_stored_steps_equal_the_diffrax_path(kind, solver, dt, t1, batch, monkey
 def test_stored_steps_take_diffrax_grid_for_any_dt(dtype, dt, t1, monkeypatch):
     # the stored-steps path used to need dt to divide the interval to 1e-9 (in float64), so a dt
     # like 0.3, or 0.33333333 in float32, silently fell back to diffrax's recomputing loop
-    model = nc.NCODE.build("closed", nc.MLPField(2, 8, time_dependent=True), (2,), hidden=(8,),
-                           feedback_hidden=(8,))
+    # open loop, a time-dependent field: the grid's times enter the solution (closed loops take
+    # the same path: test_stored_steps_equal_the_diffrax_path)
+    model = nc.NCODE.build("open", nc.MLPField(2, 4, time_dependent=True), (2,), hidden=(4,))
     params = model.init(jax.random.key(0), dtype)
     x0 = X0.astype(dtype)
     taken = []
