@@ -130,6 +130,33 @@ def pick_devices(device: str):
 XLA_VARIANTS = ("ncode", "default")  # --xla: ncode_jax.compiler_options (as training) or XLA's own
 
 
+def torch_step(loss_fn: Callable, params, optimizer, device: str):
+    """``(step, reset)`` of a PyTorch training step: ``step()`` zeroes the gradients, runs
+    ``loss_fn()``, backpropagates, steps ``optimizer``, waits for the device (``"cuda"``) and
+    returns the detached loss; ``reset()`` puts ``params`` back to their values of now (call it
+    outside the timed region, so every timed step starts from the same weights)."""
+    import torch
+
+    params = list(params)
+    initial = [p.detach().clone() for p in params]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        sync()
+        return loss.detach()
+
+    def reset():
+        with torch.no_grad():
+            for p, q in zip(params, initial):
+                p.copy_(q)
+
+    return step, reset
+
+
 def add_xla_flag(parser) -> None:
     """``--xla {ncode,default} ...``: the compiler options the JAX variants are timed with."""
     parser.add_argument("--xla", nargs="+", choices=XLA_VARIANTS, default=["ncode"],

@@ -70,6 +70,7 @@ from .common import (
     require_torch,
     summarize,
     time_fn,
+    torch_step,
     write_results,
     xla_options,
 )
@@ -164,36 +165,21 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
 
     torch_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol,
                     adjoint=adjoint == "backsolve")
-    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     tx = torch.as_tensor(np.array(images), device=tdev)
     ty = torch.as_tensor(np.array(labels), device=tdev, dtype=torch.long)
 
-    def torch_step(conv):
+    def torch_case(conv):
         """``(step, reset, model)`` of the torch step with per-sample convolution ``conv``."""
         tmodel = load_jax_params(ConvNCODE(kind, shape, hidden=args.hidden, conv_impl=conv),
                                  jax.device_get(params)).to(tdev)
         topt = torch.optim.Adam(tmodel.parameters(), lr=args.lr, fused=True)
-        p0 = [p.detach().clone() for p in tmodel.parameters()]
-
-        def tstep():
-            topt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(tmodel(tx, **torch_kw), ty)
-            loss.backward()
-            topt.step()
-            sync()
-            return loss.detach()
-
-        def treset():
-            with torch.no_grad():
-                for p, q in zip(tmodel.parameters(), p0):
-                    p.copy_(q)
-
-        return tstep, treset, tmodel
+        loss = lambda: torch.nn.functional.cross_entropy(tmodel(tx, **torch_kw), ty)  # noqa: E731
+        return (*torch_step(loss, tmodel.parameters(), topt, tdev), tmodel)
 
     # FLOPs of one right-hand-side evaluation (+ VJP), from the loop-free twin of the field
     twin = _with_impl(clf0, "reference").flow
     flops = eval_flops(twin, params["flow"], images)
-    return dict(jax=jax_fns, torch={conv: torch_step(conv) for conv in dict.fromkeys(args.torch_conv)},
+    return dict(jax=jax_fns, torch={conv: torch_case(conv) for conv in dict.fromkeys(args.torch_conv)},
                 flops=flops)
 
 

@@ -30,7 +30,16 @@ import optax
 
 import ncode_jax as nc
 
-from .common import RESULTS, interleaved, pick_devices, require_torch, summarize, time_fn, write_results
+from .common import (
+    RESULTS,
+    interleaved,
+    pick_devices,
+    require_torch,
+    summarize,
+    time_fn,
+    torch_step,
+    write_results,
+)
 
 PAIRS = {"checkpoint": "odeint", "backsolve": "odeint_adjoint"}
 FEATURES = 784
@@ -75,24 +84,14 @@ def build_case(solver, adjoint, *, args, jdev, tdev):
     topt = torch.optim.Adam(tp, lr=args.lr, fused=True)
     tu = torch.as_tensor(np.array(u), device=tdev)
     tx0 = torch.as_tensor(np.array(x0), device=tdev)
-    p0 = [p.detach().clone() for p in tp]
     torch_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol,
                     adjoint=adjoint == "backsolve")
-    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
 
-    def tstep():
-        topt.zero_grad(set_to_none=True)
+    def tloss():
         xt = flow(torch.addmm(tp[1], tu, tp[0]), tx0, **torch_kw)
-        loss = ((torch.addmm(tp[3], xt, tp[2]) - tu) ** 2).mean()
-        loss.backward()
-        topt.step()
-        sync()
-        return loss.detach()
+        return ((torch.addmm(tp[3], xt, tp[2]) - tu) ** 2).mean()
 
-    def treset():
-        with torch.no_grad():
-            for p, q in zip(tp, p0):
-                p.copy_(q)
+    tstep, treset = torch_step(tloss, tp, topt, tdev)
 
     return dict(jax=(lambda: jstep(params, opt_state, u), lambda: None), torch=(tstep, treset), flow=flow)
 

@@ -50,6 +50,7 @@ from .common import (
     require_torch,
     summarize,
     time_fn,
+    torch_step,
     write_results,
 )
 
@@ -113,23 +114,9 @@ def build_case(kind, solver_name, adjoint, *, batch, t1, lr, rtol, atol, jdev, t
     tmodel = load_jax_params(ToyNCODE(kind), jax.device_get(params)).to(tdev)
     topt = torch.optim.Adam(tmodel.parameters(), lr=lr, fused=True)  # fastest measured here
     tx0 = torch.as_tensor(np.array(x0), device=tdev)
-    p0 = [p.detach().clone() for p in tmodel.parameters()]
     torch_kw = dict(t1=t1, solver=solver, dt=dt, rtol=rtol, atol=atol, adjoint=adjoint == "backsolve")
-    sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-
-    def tstep():
-        topt.zero_grad(set_to_none=True)
-        xt = tmodel(tx0, **torch_kw)
-        loss = ((xt + tx0) ** 2).mean()
-        loss.backward()
-        topt.step()
-        sync()
-        return loss.detach()
-
-    def treset():
-        with torch.no_grad():
-            for p, q in zip(tmodel.parameters(), p0):
-                p.copy_(q)
+    tstep, treset = torch_step(lambda: ((tmodel(tx0, **torch_kw) + tx0) ** 2).mean(),
+                               tmodel.parameters(), topt, tdev)
 
     return dict(
         jax=(lambda: jstep(params, opt_state, x0), lambda: None),
