@@ -61,6 +61,7 @@ def test_models_have_expected_structure():
     assert open_.flow.field.layout.size == 11 * 50 + 50 + 9 * 50 * 50 + 50 + 50 * 11 + 11
 
 
+@pytest.mark.slow  # ~33 s; the engine's resume runs by default: test_autoencode_train[vae], test_workdir
 def test_train_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
     # with every source of step-dependence on: shifted images, lr schedule, weight decay, pooling
     cfg = tiny_config(model="open", epochs=2, random_shift=1, lr_schedule="cosine", warmup_steps=2,
