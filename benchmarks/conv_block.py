@@ -49,7 +49,7 @@ from ncode_jax import ConvBlockField
 
 from .common import add_xla_flag, matmul_peak, time_fn, write_results, xla_options
 
-PER_SAMPLE_IMPLS = ("map", "conv_map", "grouped")
+PER_SAMPLE_IMPLS = ("map", "winograd", "conv_map", "grouped")
 XLA_DEFAULT = "_xla_default"  # suffix of the rows compiled with XLA's default options (--xla default)
 
 
@@ -143,6 +143,9 @@ def main(argv=None):
         sfx = "" if xla == "ncode" else XLA_DEFAULT
         variants[f"shared{sfx}"] = (fwd_bwd(fast, xla), theta)
         variants[f"shared_lax{sfx}"] = (fwd_bwd(ref, xla), theta)
+        if "winograd" in args.impls:
+            wino = ConvBlockField(args.channels, s, s, args.hidden, impl="winograd")
+            variants[f"shared_winograd{sfx}"] = (fwd_bwd(wino, xla), theta)
         for impl in args.impls:
             field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
             variants[f"per_sample_{impl}{sfx}"] = (fwd_bwd(field, xla), theta_b)

@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +61,8 @@ from .layout import ParamLayout, ParamSpec
 from .sharding import batch_map, batch_sum
 
 _DN = ("NHWC", "HWIO", "NHWC")
-IMPLS = ("auto", "map", "grouped", "conv_map", "reference")
-Impl = Literal["auto", "map", "grouped", "conv_map", "reference"]
+IMPLS = ("auto", "map", "winograd", "grouped", "conv_map", "reference")
+Impl = Literal["auto", "map", "winograd", "grouped", "conv_map", "reference"]
 
 
 def resolve_impl(impl: str) -> str:
@@ -115,6 +115,86 @@ def _check_kernel(w: Array, c: int, batch: int | None, who: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Winograd F(4, 3) along the width, the three kernel rows in the contraction
+# ---------------------------------------------------------------------------------------------
+
+# Minimal filtering F(4, 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# CVPR 2016, sec. 4; interpolation points 0, 1, -1, 2, -2, ∞): four outputs of a 3-tap filter from
+# a 6-wide input tile d with six multiplications, y = Aᵀ[(G g) ⊙ (Bᵀ d)] instead of twelve.
+_WINO_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+            (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_WINO_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+           (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_WINO_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
+_WINO_M, _WINO_ALPHA = 4, 6  # outputs per tile, tile width
+
+
+def _lincomb(mat, xs: list) -> list:
+    """``[Σ_s mat[n][s]·xs[s] for each row n]`` written out as adds (zeros skipped, ±1 without a
+    multiplication), so XLA fuses a whole transform into one elementwise loop. The coefficients are
+    Python numbers: the result keeps the dtype of ``xs``."""
+    out = []
+    for row in mat:
+        terms = [x if c == 1 else -x if c == -1 else c * x for c, x in zip(row, xs, strict=True) if c != 0]
+        acc = terms[0]
+        for t in terms[1:]:
+            acc = acc + t
+        out.append(acc)
+    return out
+
+
+def _transpose(mat) -> tuple:
+    return tuple(zip(*mat, strict=True))
+
+
+def _wino_tiles(width: int) -> int:
+    return -(-width // _WINO_M)
+
+
+def _wino_inputs(x: Float[Array, "N H W C"]) -> Float[Array, "6 NHT 3C"]:
+    """The transformed input tiles ``Bᵀ d`` of every 6-wide, stride-4 window of every (zero-padded)
+    row, the three rows a 3×3 output needs side by side in the last axis (``T = ⌈W/4⌉`` tiles per
+    row; the last tile of a width that 4 does not divide reads zero padding)."""
+    n, h, wd, c = x.shape
+    tiles = _wino_tiles(wd)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, _WINO_M * tiles + 1 - wd), (0, 0)))
+    cols = [xp[:, :, s : s + _WINO_M * (tiles - 1) + 1 : _WINO_M] for s in range(_WINO_ALPHA)]
+    v = jnp.stack(_lincomb(_WINO_BT, cols))  # (6, N, H + 2, T, C)
+    v = jnp.concatenate([v[:, :, i : i + h] for i in range(3)], axis=-1)
+    return v.reshape(_WINO_ALPHA, n * h * tiles, 3 * c)
+
+
+def _wino_kernel(w: Float[Array, "3 3 C D"]) -> Float[Array, "6 3C D"]:
+    """``G g`` along the kernel's width for each of its three rows: ``(6, 3·C, D)``."""
+    u = jnp.stack(_lincomb(_WINO_G, [w[:, t] for t in range(3)]))  # (6, 3, C, D)
+    return u.reshape(_WINO_ALPHA, -1, w.shape[-1])
+
+
+def _wino_conv(x: Float[Array, "N H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "N H W D"]:
+    """3×3 ``'SAME'`` convolution of a batch with ONE kernel by Winograd F(4, 3) along the width:
+    six ``(N·H·T, 3C) @ (3C, D)`` matrix products (``T = ⌈W/4⌉``), i.e. 6·3 = 18 multiply-adds
+    per 4 outputs and channel pair where direct convolution takes 36 (2× fewer for ``W % 4 == 0``).
+    Exact in exact arithmetic; in float32 it differs from direct convolution by a few 1e-7
+    relative (the transforms' coefficients go up to 8, ``tests/test_conv.py``)."""
+    n, h, wd, _ = x.shape
+    m = lax.dot_general(_wino_inputs(x), _wino_kernel(w), (((2,), (1,)), ((0,), (0,))))
+    y = jnp.stack(_lincomb(_WINO_AT, list(m)), axis=1)  # (N·H·T, 4, D)
+    return y.reshape(n, h, _WINO_M * _wino_tiles(wd), w.shape[-1])[:, :, :wd]
+
+
+def _wino_kernel_grad(x: Float[Array, "N H W C"], g: Float[Array, "N H W D"]) -> Float[Array, "3 3 C D"]:
+    """``∂⟨g, _wino_conv(x, w)⟩/∂w`` summed over the batch: the transposed output transform
+    ``A g``, six ``(3C, N·H·T) @ (N·H·T, D)`` products with the input tiles, then ``Gᵀ`` back."""
+    n, h, wd, d = g.shape
+    tiles = _wino_tiles(wd)
+    gp = jnp.pad(g, ((0, 0), (0, 0), (0, _WINO_M * tiles - wd), (0, 0))).reshape(n * h * tiles, _WINO_M, d)
+    dm = jnp.stack(_lincomb(_transpose(_WINO_AT), [gp[:, o] for o in range(_WINO_M)]))  # (6, NHT, D)
+    du = lax.dot_general(_wino_inputs(x), dm, (((1,), (1,)), ((0,), (0,))))  # (6, 3C, D)
+    du = du.reshape(_WINO_ALPHA, 3, x.shape[-1], d)
+    return jnp.stack(_lincomb(_transpose(_WINO_G), list(du)), axis=1)  # (3, 3, C, D)
+
+
+# ---------------------------------------------------------------------------------------------
 # One image, its own kernel
 # ---------------------------------------------------------------------------------------------
 
@@ -144,6 +224,9 @@ _conv3x3 = _linear_conv(
     lambda x, w: _conv_same(x[None], w)[0], _kernel_grad,
     "Batch-1 ``lax.conv`` forward and input gradient, im2col kernel gradient (``conv_map``).")
 _conv3x3_mm = _linear_conv(_conv_mm, _kernel_grad, "Everything an im2col matrix product (``map``).")
+_conv3x3_wino = _linear_conv(
+    lambda x, w: _wino_conv(x[None], w)[0], lambda x, g: _wino_kernel_grad(x[None], g[None]),
+    "Winograd F(4, 3) forward, input gradient (flipped kernel) and kernel gradient (``winograd``).")
 
 
 def conv3x3(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "H W D"]:
@@ -164,22 +247,37 @@ def conv3x3(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array
 # ---------------------------------------------------------------------------------------------
 
 
-def _shared_kernel_grad(x, g):
-    # image by image: the im2col buffer stays small (9·H·W·C floats); per device when data-parallel
-    zeros = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), jnp.result_type(x, g))
-    return batch_sum(lambda xg: _kernel_grad(*xg), zeros, (x, g))
+def _summed_kernel_grad(one_image):
+    """The kernel gradient of a batch with one kernel, image by image (``one_image(x, g)`` on one
+    image): the per-image buffers (im2col, Winograd tiles) stay small; per device when
+    data-parallel."""
+
+    def kernel_grad(x, g):
+        zeros = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), jnp.result_type(x, g))
+        return batch_sum(lambda xg: one_image(*xg), zeros, (x, g))
+
+    return kernel_grad
 
 
-_shared_conv3x3 = _linear_conv(_conv_same, _shared_kernel_grad,
+_shared_conv3x3 = _linear_conv(_conv_same, _summed_kernel_grad(_kernel_grad),
                                "A batch with one kernel: ``lax.conv``, kernel gradient image by image.")
+_shared_conv3x3_wino = _linear_conv(
+    _wino_conv, _summed_kernel_grad(lambda x, g: _wino_kernel_grad(x[None], g[None])),
+    "A batch with one kernel, Winograd F(4, 3): one set of six products for the whole batch.")
 
 
-def shared_conv3x3(x: Float[Array, "B H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "B H W D"]:
-    """3×3 ``'SAME'`` convolution of a batch with ONE kernel (NODE), fast kernel gradient."""
+def shared_conv3x3(
+    x: Float[Array, "B H W C"], w: Float[Array, "3 3 C D"], impl: Impl = "auto"
+) -> Float[Array, "B H W D"]:
+    """3×3 ``'SAME'`` convolution of a batch with ONE kernel (NODE), fast kernel gradient.
+
+    ``impl="winograd"``: Winograd F(4, 3) (module docstring); any other name: XLA's convolution
+    forward and input gradient, im2col kernel gradient image by image.
+    """
     if x.ndim != 4:
         raise ValueError(f"shared_conv3x3: x must be (B, H, W, C), got shape {tuple(x.shape)}")
     _check_kernel(w, x.shape[-1], None, "shared_conv3x3")
-    return _shared_conv3x3(x, w)
+    return (_shared_conv3x3_wino if resolve_impl(impl) == "winograd" else _shared_conv3x3)(x, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +331,26 @@ def per_sample_conv3x3(
     impl = resolve_impl(impl)
     if impl == "map":
         return batch_map(lambda xw: _conv3x3_mm(*xw), (x, w))
+    if impl == "winograd":
+        return _per_image(_conv3x3_wino, x, w)
     if impl == "conv_map":
         return batch_map(lambda xw: _conv3x3(*xw), (x, w))
     if impl == "grouped":
         return _grouped_conv3x3(x, w)
     return naive_per_sample_conv(x, w)
+
+
+def _loop_over_images() -> bool:
+    """Whether per-image work runs as a loop over the images (CPU: each image's buffers stay in
+    cache) or batched (accelerators: one batched matrix product per Winograd point)."""
+    return jax.default_backend() == "cpu"
+
+
+def _per_image(conv, x, w):
+    """``out[b] = conv(x[b], w[b])``, looped on CPU, vectorised elsewhere."""
+    if _loop_over_images():
+        return batch_map(lambda xw: conv(*xw), (x, w))
+    return jax.vmap(conv)(x, w)
 
 
 def naive_per_sample_conv(
@@ -254,22 +367,50 @@ def naive_per_sample_conv(
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole per-sample block, image by image, under one custom VJP (impl="map")
+# The whole per-sample block, image by image, under one custom VJP (impl="map", "winograd")
 # ---------------------------------------------------------------------------------------------
 
 
-def _block_image(sigma, x, w):
+class _BlockConv(NamedTuple):
+    """How the block computes its 3×3 convolution of ONE image ``h (H, W, C)`` with ``w (3, 3, C,
+    D)``: the forward pass, the input gradient from ``(g, w)`` and the kernel gradient from
+    ``(h, g)``, plus whether the images are looped over (``lax.map``) or vectorised (``vmap``)."""
+
+    forward: Callable
+    input_grad: Callable
+    kernel_grad: Callable
+    loop: bool = True
+
+
+_MAP_CONV = _BlockConv(
+    lambda h, w: _conv_same(h[None], w)[0], lambda g, w: _conv_mm(g, _flip_transpose(w)), _kernel_grad)
+
+
+def _wino_block_conv() -> _BlockConv:
+    return _BlockConv(
+        lambda h, w: _wino_conv(h[None], w)[0],
+        lambda g, w: _wino_conv(g[None], _flip_transpose(w))[0],
+        lambda h, g: _wino_kernel_grad(h[None], g[None]),
+        loop=_loop_over_images(),
+    )
+
+
+def _images(conv: _BlockConv, f, xs):
+    return batch_map(f, xs) if conv.loop else jax.vmap(lambda *a: f(a))(*xs)
+
+
+def _block_image(sigma, conv: _BlockConv, x, w):
     """One image ``x (H, W, C)``, its weights ``w``: ``(y, (a₁, a₂))`` with the pre-activations
     ``a₁ (HW, h)`` and ``a₂ (HW, h)`` kept for the backward pass."""
     h, wd, c = x.shape
     hid = w["b1"].shape[-1]
     a1 = x.reshape(h * wd, c) @ w["w1"] + w["b1"]
-    a2 = _conv_same(sigma(a1).reshape(1, h, wd, hid), w["w2"]).reshape(h * wd, hid) + w["b2"]
+    a2 = conv.forward(sigma(a1).reshape(h, wd, hid), w["w2"]).reshape(h * wd, hid) + w["b2"]
     y = sigma(a2) @ w["w3"] + w["b3"]
     return y.reshape(h, wd, c), (a1, a2)
 
 
-def _block_image_bwd(sigma, x, w, a1, a2, g):
+def _block_image_bwd(sigma, conv: _BlockConv, x, w, a1, a2, g):
     """Cotangents ``(x̄, w̄)`` of one image from its residuals and the output cotangent ``g``."""
     h, wd, c = x.shape
     hid = w["b1"].shape[-1]
@@ -277,14 +418,14 @@ def _block_image_bwd(sigma, x, w, a1, a2, g):
     h1, act1 = jax.vjp(sigma, a1)
     h2, act2 = jax.vjp(sigma, a2)
     (da2,) = act2(g @ w["w3"].T)
-    dw2 = _im2col(h1.reshape(h, wd, hid)).T @ da2
-    dh1 = _im2col(da2.reshape(h, wd, hid)) @ _flip_transpose(w["w2"]).reshape(9 * hid, hid)
-    (da1,) = act1(dh1)
+    da2_img = da2.reshape(h, wd, hid)
+    dw2 = conv.kernel_grad(h1.reshape(h, wd, hid), da2_img)
+    (da1,) = act1(conv.input_grad(da2_img, w["w2"]).reshape(h * wd, hid))
     dx = da1 @ w["w1"].T
     dw = {
         "w1": x.reshape(h * wd, c).T @ da1,
         "b1": da1.sum(0),
-        "w2": dw2.reshape(3, 3, hid, hid),
+        "w2": dw2,
         "b2": da2.sum(0),
         "w3": h2.T @ g,
         "b3": g.sum(0),
@@ -292,19 +433,19 @@ def _block_image_bwd(sigma, x, w, a1, a2, g):
     return dx.reshape(h, wd, c), dw
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _map_block(sigma: Callable, x, w):
-    return batch_map(lambda xw: _block_image(sigma, *xw)[0], (x, w))
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _map_block(sigma: Callable, conv: _BlockConv, x, w):
+    return _images(conv, lambda xw: _block_image(sigma, conv, *xw)[0], (x, w))
 
 
-def _map_block_fwd(sigma, x, w):
-    y, (a1, a2) = batch_map(lambda xw: _block_image(sigma, *xw), (x, w))
+def _map_block_fwd(sigma, conv, x, w):
+    y, (a1, a2) = _images(conv, lambda xw: _block_image(sigma, conv, *xw), (x, w))
     return y, (x, w, a1, a2)
 
 
-def _map_block_bwd(sigma, res, g):
+def _map_block_bwd(sigma, conv, res, g):
     x, w, a1, a2 = res
-    return batch_map(lambda r: _block_image_bwd(sigma, *r), (x, w, a1, a2, g))
+    return _images(conv, lambda r: _block_image_bwd(sigma, conv, *r), (x, w, a1, a2, g))
 
 
 _map_block.defvjp(_map_block_fwd, _map_block_bwd)
@@ -399,12 +540,15 @@ class ConvBlockField(VectorField):
             return self._apply_reference(x, w, per_sample)
         if per_sample:
             if impl == "map":
-                return _map_block(sigma, x, w)
+                return _map_block(sigma, _MAP_CONV, x, w)
+            if impl == "winograd":
+                return _map_block(sigma, _wino_block_conv(), x, w)
             if impl == "conv_map":
                 return batch_map(lambda xw: self._one_image(*xw), (x, w))
             return self._apply_grouped(x, w)
         hid = sigma(x @ w["w1"] + w["b1"])
-        hid = sigma(_shared_conv3x3(hid, w["w2"]) + w["b2"])
+        conv = _shared_conv3x3_wino if impl == "winograd" else _shared_conv3x3
+        hid = sigma(conv(hid, w["w2"]) + w["b2"])
         return hid @ w["w3"] + w["b3"]
 
     def _one_image(self, x: Float[Array, "H W C"], w: dict[str, Array]) -> Float[Array, "H W C"]:

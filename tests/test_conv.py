@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from conftest import tree_rel_err
 from jax import lax
+from jax.test_util import check_grads
 
 import ncode_jax as nc
+from ncode_jax import conv as conv_module
 from ncode_jax.conv import (
     ConvBlockField,
     conv3x3,
@@ -53,7 +55,7 @@ def _value_and_grads(f, *args):
 
 FAST = ConvBlockField(C, H, W, hidden=HID)  # impl="auto": "map" on CPU
 REF = ConvBlockField(C, H, W, hidden=HID, impl="reference")
-FIELD_IMPLS = ("map", "grouped", "conv_map")
+FIELD_IMPLS = ("map", "winograd", "grouped", "conv_map")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,13 +63,14 @@ FIELD_IMPLS = ("map", "grouped", "conv_map")
 # ---------------------------------------------------------------------------------------------
 
 
-PER_SAMPLE_IMPLS = ("map", "grouped", "conv_map")
+PER_SAMPLE_IMPLS = ("map", "winograd", "grouped", "conv_map")
 
 
 @pytest.mark.parametrize(
     "impl, dtype, tol",
-    [*((i, jnp.float64, 1e-12) for i in PER_SAMPLE_IMPLS), ("map", jnp.float32, 1e-5)],
-    ids=[*(f"f64-{i}" for i in PER_SAMPLE_IMPLS), "f32-map"],
+    [*((i, jnp.float64, 1e-12) for i in PER_SAMPLE_IMPLS), ("map", jnp.float32, 1e-5),
+     ("winograd", jnp.float32, 1e-5)],
+    ids=[*(f"f64-{i}" for i in PER_SAMPLE_IMPLS), "f32-map", "f32-winograd"],
 )
 def test_per_sample_conv_matches_naive(impl, dtype, tol):
     x, w = _normal(0, (B, H, W, C), dtype), _normal(1, (B, 3, 3, C, 7), dtype)
@@ -118,6 +121,47 @@ def test_primitive_shape_errors():
         naive_per_sample_conv(x, _normal(1, (3, 3, C, 4)))
 
 
+# Winograd F(4, 3): widths that 4 divides and widths that leave a padded last tile, odd heights,
+# one image, no image; the loop over images (CPU) and the vectorised form (accelerators)
+WINO_SIZES = ((1, 4, 8), (2, 3, 5), (1, 1, 1), (0, 4, 4), (2, 5, 10))
+
+
+@pytest.mark.parametrize(
+    "loop, dtype, tol",
+    [(True, jnp.float64, 1e-12), (False, jnp.float32, 1e-5),
+     pytest.param(True, jnp.float32, 1e-5, marks=pytest.mark.slow),
+     pytest.param(False, jnp.float64, 1e-12, marks=pytest.mark.slow)],
+    ids=["f64-loop", "f32-batched", "f32-loop", "f64-batched"],
+)
+def test_winograd_equals_naive_for_every_size(monkeypatch, loop, dtype, tol):
+    """Per-sample and shared kernels: values, input and kernel gradients equal plain ``lax.conv``
+    autodiff for even and odd H, W (a padded last tile), batch 1 and 0, float64 and float32."""
+    monkeypatch.setattr(conv_module, "_loop_over_images", lambda: loop)
+    for k, (b, h, w) in enumerate(WINO_SIZES):
+        x, kern = _normal(30 + k, (b, h, w, 3), dtype), _normal(40 + k, (b, 3, 3, 3, 4), dtype)
+        shared = _normal(50 + k, (3, 3, 3, 4), dtype)
+        cases = [(lambda a, q: per_sample_conv3x3(a, q, "winograd"), naive_per_sample_conv, kern),
+                 (lambda a, q: shared_conv3x3(a, q, "winograd"), _lax_conv, shared)]
+        for fast, ref, q in cases:
+            y, g = _value_and_grads(fast, x, q)
+            y_ref, g_ref = _value_and_grads(ref, x, q)
+            assert y.shape == (b, h, w, 4) and y.dtype == dtype and g[1].dtype == dtype
+            np.testing.assert_allclose(y, y_ref, rtol=tol, atol=tol)
+            if b:
+                assert tree_rel_err(g, g_ref) < tol, (b, h, w)
+
+
+def test_winograd_under_vmap_and_finite_differences():
+    """An extra vmapped axis around the per-image loop; the custom VJP against finite
+    differences (float64)."""
+    x, kern = _normal(60, (2, B, H, W, C)), _normal(61, (2, B, 3, 3, C, 3))
+    fast = jax.jit(jax.vmap(lambda a, q: per_sample_conv3x3(a, q, "winograd")))
+    ref = jax.vmap(naive_per_sample_conv)(x, kern)
+    np.testing.assert_allclose(fast(x, kern), ref, rtol=1e-12, atol=1e-12)
+    check_grads(lambda a, q: _readout(per_sample_conv3x3(a, q, "winograd")),
+                (x[0], kern[0]), order=1, modes=["rev"], eps=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # The field
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +209,9 @@ def field_fns():
 
 @pytest.mark.parametrize(
     "impl, per_sample",
-    [("map", False), ("grouped", False), *((i, True) for i in (*FIELD_IMPLS, "tanh"))],
-    ids=["shared-map", "shared-grouped", *(f"per_sample-{i}" for i in (*FIELD_IMPLS, "tanh"))],
+    [("map", False), ("winograd", False), ("grouped", False), *((i, True) for i in (*FIELD_IMPLS, "tanh"))],
+    ids=["shared-map", "shared-winograd", "shared-grouped",
+         *(f"per_sample-{i}" for i in (*FIELD_IMPLS, "tanh"))],
 )
 def test_field_impl_equals_reference_float64(field_fns, impl, per_sample):
     """Every implementation (``tanh``: the ``map`` path with another activation); shared θ runs
