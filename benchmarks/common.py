@@ -20,6 +20,20 @@ import ncode_jax as nc
 
 RESULTS = Path(__file__).parent / "results"
 
+# Precision policy of every benchmark: float32 products in full float32 on both sides. JAX would
+# use TF32 for float32 dots and convolutions on recent NVIDIA GPUs, PyTorch TF32 for cuDNN
+# convolutions (not for matmuls); on CPU neither changes anything. Recorded in every result file.
+PRECISION = "float32, full precision (jax_default_matmul_precision=highest; torch allow_tf32 off)"
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def torch_precision() -> None:
+    """PyTorch's side of :data:`PRECISION` (TF32 off for matmuls and cuDNN convolutions)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
 
 _EVALUATIONS = [0]
 
@@ -92,7 +106,7 @@ def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__, "diffrax": diffrax.__version__,
             "equinox": equinox.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()]}
+            "devices": [str(d) for d in jax.devices()], "precision": PRECISION}
 
 
 def write_results(name: str, payload: dict) -> Path:
@@ -108,6 +122,7 @@ def require_torch(who: str):
         import torchdiffeq  # noqa: F401
     except ImportError as e:
         sys.exit(f"{who} needs the torch extra: pip install -e '.[torch]' ({e})")
+    torch_precision()
 
 
 def pick_devices(device: str):

@@ -1,4 +1,4 @@
-"""Conv-block vector field: shared kernels vs per-sample kernels (DESIGN.md fact 3).
+"""Conv-block vector field: shared kernels vs per-sample kernels (docs/design.md, "Per-sample convolutions").
 
 Forward + backward (gradient w.r.t. the state x and θ) of the paper's conv block
 (1×1 C→h, ReLU, 3×3 h→h, ReLU, 1×1 h→C) on a float32 NHWC batch, for
@@ -13,11 +13,15 @@ Forward + backward (gradient w.r.t. the state x and θ) of the paper's conv bloc
   matmuls);
 * ``naive``        — θ ``(B, P)``, ``vmap(lax.conv)`` + autodiff (``impl="reference"``).
 
-Every rate uses the SAME analytic FLOP count: 3 × the forward multiply-adds ×2 of the shared
-block (all 9 taps everywhere, biases/activations ignored; XLA's cost analysis of the
-``shared_lax`` program is printed beside it). The fast variants are timed in interleaved rounds
-and ratios are taken within a round; the naive one (tens of seconds per call) once. A square
-f32 matmul gives the machine's peak for context. With ``--torch`` the same per-sample block
+Every rate ("GFLOP/s") uses the SAME analytic, direct-equivalent FLOP count: 3 × the forward
+multiply-adds ×2 of the shared block (all 9 taps everywhere, biases/activations ignored; XLA's
+cost analysis of the ``shared_lax`` program is printed beside it). "executed" columns count what
+each implementation multiplies (``ConvBlockField.flops(executed=True)``: Winograd's 3×3 layer
+does half the direct count). ``--breakdown`` also times each implementation's per-sample 3×3
+layer alone (``conv3x3_<impl>``) and reports the rest of the block (1×1 layers, biases,
+activations, the loop) as ``rest_<impl>`` = block − 3×3 layer. The fast variants are timed in
+interleaved rounds and ratios are taken within a round; the naive one (tens of seconds per call)
+once. A square f32 matmul gives the machine's peak for context. With ``--torch`` the same per-sample block
 (and the shared one) is timed in PyTorch for every per-sample convolution of
 ``benchmarks/torch_baseline/conv.py`` (forward + backward w.r.t. x and θ, same θ, NCHW,
 ``torch.set_num_threads(--threads)``); this picks the baseline's default. Every JAX variant is
@@ -46,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ncode_jax import ConvBlockField
+from ncode_jax.conv import IMPLS, per_sample_conv3x3
 
 from .common import add_xla_flag, matmul_peak, time_fn, write_results, xla_options
 
@@ -104,6 +109,8 @@ def main(argv=None):
     p.add_argument("--torch", action="store_true", help="also time the PyTorch per-sample variants (CPU)")
     p.add_argument("--torch-repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each impl's 3x3 layer alone (conv3x3_<impl>) and report the rest")
     p.add_argument("--tag", default="", help="suffix for the output file name")
     args = p.parse_args(argv)
     jax.config.update("jax_enable_x64", False)
@@ -149,7 +156,20 @@ def main(argv=None):
         for impl in args.impls:
             field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
             variants[f"per_sample_{impl}{sfx}"] = (fwd_bwd(field, xla), theta_b)
-    timed = list(variants)
+    conv_only = {}  # --breakdown: the per-sample 3×3 layer alone, forward + backward (x and kernel)
+    if args.breakdown:
+        h_in = jnp.asarray(rng.standard_normal((b, s, s, args.hidden)), jnp.float32)
+        kernels = jax.vmap(fast.layout.unflatten)(theta_b)["w2"]
+        for impl in args.impls:
+            def loss3(h, w, impl=impl):
+                return 0.5 * jnp.sum(per_sample_conv3x3(h, w, impl) ** 2)
+
+            fn = jax.jit(jax.grad(loss3, argnums=(0, 1)), compiler_options=xla_options("ncode", dev.platform))
+            conv_only[f"conv3x3_{impl}"] = fn
+        x_of = {k: h_in for k in conv_only}
+        th_of = {k: kernels for k in conv_only}
+    timed = list(variants) + list(conv_only)
+    variants.update({k: (f, None) for k, f in conv_only.items()})
     variants["naive"] = (fwd_bwd(ref), theta_b)
     flops = 3 * fast.flops(b)
     xla_flops = variants[timed[1]][0].lower(x, theta).compile().cost_analysis().get("flops")
@@ -173,7 +193,8 @@ def main(argv=None):
     for r in range(args.rounds):
         for name in timed:
             fn, th = variants[name]
-            t = time_fn(fn, x, th, repeats=args.repeats)
+            args_ = (x_of[name], th_of[name]) if name in conv_only else (x, th)
+            t = time_fn(fn, *args_, repeats=args.repeats)
             compile_s.setdefault(name, t["compile_s"])
             rounds[name].append(t)
         med = {k: rounds[k][-1]["median_ms"] for k in timed}
@@ -187,12 +208,32 @@ def main(argv=None):
     peak = max(peak_before["gflops"], peak_after["gflops"])
 
     results = {}
+    conv_flops = 3 * 2 * b * s * s * 9 * args.hidden**2  # the 3×3 layer alone, direct-equivalent
     for name in timed:
         ms = statistics.median(t["median_ms"] for t in rounds[name])
+        impl = name.removeprefix("conv3x3_").removeprefix("per_sample_").removeprefix("shared_")
+        impl = {"shared": "map", "lax": "reference"}.get(name, impl).removesuffix(XLA_DEFAULT)
+        field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl if impl in IMPLS else "map")
+        if name in conv_only:
+            direct, executed = conv_flops, conv_flops - 3 * (field.flops(b) - field.flops(b, executed=True))
+        else:
+            direct, executed = flops, 3 * field.flops(b, executed=True)
         results[name] = {"median_ms": round(ms, 2), "min_ms": min(t["min_ms"] for t in rounds[name]),
                          "compile_s": compile_s[name],
                          "round_medians_ms": [t["median_ms"] for t in rounds[name]],
-                         "gflops": round(flops / ms / 1e6, 2)}
+                         "gflops": round(direct / ms / 1e6, 2),
+                         "executed_gflop": round(executed / 1e9, 3),
+                         "executed_gflops": round(executed / ms / 1e6, 2)}
+    for impl in args.impls:  # what the 3×3 layer leaves: 1×1 layers, biases, activations, the loop
+        block, conv = results.get(f"per_sample_{impl}"), results.get(f"conv3x3_{impl}")
+        if block and conv:
+            rest_ms = block["median_ms"] - conv["median_ms"]
+            rest_flops = 3 * 2 * b * s * s * 2 * args.channels * args.hidden
+            results[f"rest_{impl}"] = {"median_ms": round(rest_ms, 2),
+                                       "gflops": round(rest_flops / max(rest_ms, 1e-9) / 1e6, 2),
+                                       "executed_gflop": round(rest_flops / 1e9, 3),
+                                       "executed_gflops": round(rest_flops / max(rest_ms, 1e-9) / 1e6, 2),
+                                       "note": "per_sample block minus its 3x3 layer alone"}
     if not skip_naive:
         fn, th = variants["naive"]
         t = time_fn(fn, x, th, repeats=naive_repeats)
@@ -208,11 +249,13 @@ def main(argv=None):
         for k in ps:
             ratios[f"{k}/naive"] = round(results[k]["gflops"] / results["naive"]["gflops"], 1)
 
-    print(f"\n{'variant':32s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s}")
+    print(f"\n{'variant':32s} {'median ms':>10s} {'GFLOP/s':>9s} {'% of matmul peak':>17s} "
+          f"{'executed GFLOP':>15s} {'executed GFLOP/s':>17s}")
     rows = {k: v for k, v in results.items() if k != "torch"}
     rows.update({f"torch_{k}": v for k, v in results.get("torch", {}).items()})
     for name, r in rows.items():
-        print(f"{name:32s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%")
+        ex = (f" {r['executed_gflop']:15.3f} {r['executed_gflops']:17.2f}" if "executed_gflop" in r else "")
+        print(f"{name:32s} {r['median_ms']:10.1f} {r['gflops']:9.2f} {100 * r['gflops'] / peak:16.1f}%{ex}")
     print(f"matmul peak (f32 2048^3, max of before/after): {peak:.1f} GFLOP/s")
     for k, v in ratios.items():
         print(f"rate ratio {k}: {v}")

@@ -17,8 +17,10 @@ evaluations of the backward pass, the ratio torch/JAX, and both losses as a sani
     python -m benchmarks.toy_step --sweep horizon    # T in (0.5, 1, 2, 4)
     python -m benchmarks.toy_step --checkpoints steps  # checkpoint adjoint without recomputation
 
-``--checkpoints`` sets ``solve(checkpoints=...)`` of the checkpoint adjoint: ``default`` (diffrax's
-O(log n) checkpoints, recomputing the rest), ``steps`` (one per step: rk4 ``ceil(T/dt)``; dopri5
+``--checkpoints`` sets ``solve(checkpoints=...)`` of the checkpoint adjoint: ``default`` (the
+library's default: every fixed step stored while the states fit
+``ncode_jax.solve.STORED_STEPS_MAX_BYTES``, adaptive steps diffrax's O(log n) checkpoints),
+``1`` (diffrax's recomputing loop), ``steps`` (one per step: rk4 ``ceil(T/dt)``; dopri5
 :data:`ADAPTIVE_CHECKPOINTS`, more than the toy solves take) or a number.
 
 Writes ``benchmarks/results/toy_step[_<sweep>][<tag>].json`` and a ``.png`` beside it.
@@ -60,7 +62,7 @@ ADAPTIVE_CHECKPOINTS = 64  # dopri5 takes 4-8 steps on these toys
 
 
 def checkpoints_for(spec: str, solver_name: str, t1: float) -> int | None:
-    """``solve(checkpoints=...)`` for ``--checkpoints spec`` (None: diffrax's default)."""
+    """``solve(checkpoints=...)`` for ``--checkpoints spec`` (None: the library's default)."""
     if spec == "default":
         return None
     if spec == "steps":

@@ -5,16 +5,29 @@
 ``hidden → hidden`` and a 1×1 convolution ``hidden → C``, each with a bias.
 
 With shared θ ``(P,)`` (NODE/ANODE) this is an ordinary conv block. With per-sample θ ``(B, P)``
-(N-CODE) every image is convolved with its *own* kernels, which is where naive JAX is slow
-(DESIGN.md fact 3): ``jax.vmap(lax.conv)`` becomes a grouped convolution (~30× slower than
-shared kernels on CPU), and XLA's transpose of a convolution w.r.t. its *kernel* is slow even
+(N-CODE) every image is convolved with its *own* kernels, which is where naive JAX is slow:
+``jax.vmap(lax.conv)`` becomes a grouped convolution (~30× slower than shared kernels on CPU,
+``benchmarks/README.md``), and XLA's transpose of a convolution w.r.t. its *kernel* is slow even
 with shared kernels (a single-feature convolution with a 28×28 "window").
 
 Implementations of the per-sample block (``ConvBlockField(impl=...)``, and ``impl=`` of
 :func:`per_sample_conv3x3`), all equal to plain autodiff of :func:`naive_per_sample_conv` to
 float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
 
-* ``"map"`` (CPU; what ``"auto"`` picks there) — the *whole block* is one ``custom_vjp``
+* ``"winograd"`` (CPU; what ``"auto"`` picks there) — fewer multiplications: Winograd's minimal
+  filtering F(4, 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR
+  2016) along the image width, the three kernel rows side by side in the contraction. Every
+  4 outputs of a row take 6 products of depth ``3·C`` instead of 4 of depth ``9·C``: 2× fewer
+  multiply-adds in the 3×3 layer (widths that 4 does not divide pay for a zero-padded last
+  tile). The heavy part is six ``(H·⌈W/4⌉, 3C) @ (3C, D)`` matrix products per image, deeper
+  than the 2-D F(2×2, 3×3)'s sixteen of depth ``C`` (which measured slower on CPU: shallow
+  products run far below the matmul peak). All three products of a training step use it:
+  forward, input gradient (the flipped kernel) and kernel gradient (the transposed transforms).
+  Per-sample θ runs the ``"map"`` block below with these products; on CPU the images are looped
+  over, elsewhere vectorised (batched matrix products, the accelerator candidate to replace
+  ``"grouped"``). Equal to direct convolution to a few 1e-7 relative in float32
+  (``tests/test_conv.py``). Timings: ``benchmarks/README.md``.
+* ``"map"`` — the *whole block* is one ``custom_vjp``
   evaluated image by image with :func:`jax.lax.map`: the forward 3×3 convolution is XLA's
   batch-1 convolution (the least work measured in the block, benchmarks/README.md), the backward
   pass is im2col matrix products ``(H·W, 9h) @ (9h, h)`` per image: input gradient
@@ -34,11 +47,12 @@ float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
   block with batch-1 ``lax.conv`` forward and input gradient and an im2col kernel gradient.
 * ``"reference"`` — plain ``lax.conv`` + autodiff, ``vmap`` over the batch (slow, obviously
   correct: the baseline of the tests and of the FLOP counts).
-* ``"auto"`` (default) — ``"map"`` when JAX's default backend is ``cpu``, ``"grouped"``
+* ``"auto"`` (default) — ``"winograd"`` when JAX's default backend is ``cpu``, ``"grouped"``
   otherwise; decided when the field is traced (:func:`resolve_impl`).
 
-Shared θ runs batched convolutions with an im2col kernel gradient (``map``, ``conv_map``) or
-plain ``lax.conv`` autodiff (``grouped``: cuDNN is fine with shared kernels; ``reference``).
+Shared θ runs batched convolutions with an im2col kernel gradient (``map``, ``conv_map``), the
+Winograd products with the batch in the rows (``winograd``), or plain ``lax.conv`` autodiff
+(``grouped``: cuDNN is fine with shared kernels; ``reference``).
 Under a data-parallel mesh the per-image loops run per device over its own images
 (:mod:`ncode_jax.sharding`). The custom VJPs make the fast paths reverse-mode only
 (``jax.grad``/``jax.vjp``; forward-mode ``jax.jvp`` through them raises).
@@ -66,12 +80,13 @@ Impl = Literal["auto", "map", "winograd", "grouped", "conv_map", "reference"]
 
 
 def resolve_impl(impl: str) -> str:
-    """``"auto"`` → ``"map"`` on JAX's CPU backend, ``"grouped"`` on any other (GPU, TPU); any
-    other name is returned unchanged after a check."""
+    """``"auto"`` → ``"winograd"`` on JAX's CPU backend (the fastest measured there, module
+    docstring), ``"grouped"`` on any other (GPU, TPU: never measured on one; ``"winograd"`` is the
+    batched-GEMM candidate); any other name is returned unchanged after a check."""
     if impl not in IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(IMPLS)}")
     if impl == "auto":
-        return "map" if jax.default_backend() == "cpu" else "grouped"
+        return "winograd" if jax.default_backend() == "cpu" else "grouped"
     return impl
 
 
@@ -262,8 +277,9 @@ def _summed_kernel_grad(one_image):
 _shared_conv3x3 = _linear_conv(_conv_same, _summed_kernel_grad(_kernel_grad),
                                "A batch with one kernel: ``lax.conv``, kernel gradient image by image.")
 _shared_conv3x3_wino = _linear_conv(
-    _wino_conv, _summed_kernel_grad(lambda x, g: _wino_kernel_grad(x[None], g[None])),
-    "A batch with one kernel, Winograd F(4, 3): one set of six products for the whole batch.")
+    lambda x, w: batch_map(lambda xi: _wino_conv(xi[None], w)[0], x),
+    _summed_kernel_grad(lambda x, g: _wino_kernel_grad(x[None], g[None])),
+    "A batch with one kernel, Winograd F(4, 3) image by image (the tiles of one image stay small).")
 
 
 def shared_conv3x3(
@@ -507,12 +523,19 @@ class ConvBlockField(VectorField):
             )
         )
 
-    def flops(self, batch: int) -> int:
-        """Analytic multiply-add FLOPs (×2) of one forward pass over ``batch`` images, counting
-        all 9 taps everywhere (padding included) and ignoring biases and activations. A forward
-        + backward w.r.t. x and θ costs 3× this (input and kernel gradient of every layer)."""
-        c, h = self.channels, self.hidden
-        return 2 * batch * self.height * self.width * (c * h + 9 * h * h + h * c)
+    def flops(self, batch: int, executed: bool = False) -> int:
+        """Analytic multiply-add FLOPs (×2) of one forward pass over ``batch`` images, ignoring
+        biases, activations and the Winograd transforms. ``executed=False`` (the
+        "direct-equivalent" count every rate in the benchmarks uses): all 9 taps everywhere,
+        padding included. ``executed=True``: what this field's implementation multiplies —
+        for ``"winograd"`` (and ``"auto"`` on CPU) the 3×3 layer's ``6·H·⌈W/4⌉·3h·h`` products
+        instead of ``9·H·W·h·h`` (2× fewer when 4 divides W). A forward + backward w.r.t. x and θ
+        costs 3× either (input and kernel gradient of every layer)."""
+        c, h, hw = self.channels, self.hidden, self.height * self.width
+        conv = 9 * hw * h * h
+        if executed and resolve_impl(self.impl) == "winograd":
+            conv = 6 * self.height * _wino_tiles(self.width) * 3 * h * h
+        return 2 * batch * (hw * (c * h + h * c) + conv)
 
     def check_x(self, x: Array, who: str = "x") -> None:
         if x.ndim == 4:

@@ -254,6 +254,21 @@ def fixed_step_grid(t0: float, t1: float, dt: float, dtype) -> np.ndarray:
     return (grid * sign).astype(dtype)
 
 
+#: the default ``checkpoints=None`` of a fixed-step ``checkpoint`` solve stores every step (the
+#: stored-steps path) when :func:`stored_steps_bytes` is at most this, and otherwise leaves the
+#: steps to diffrax's recursive checkpointing (O(log n) stored states, recomputation)
+STORED_STEPS_MAX_BYTES = 512 * 2**20
+
+
+def stored_steps_bytes(steps: int, stages: int, x0: Array, theta0: Array) -> int:
+    """The memory the stored-steps path keeps for the backward pass, estimated as one copy of the
+    state ``z = (x, θ)`` per stage of every step: ``steps · stages · (|x0| + |θ0|) · itemsize``
+    bytes. A field's own residuals come on top (the conv block's are two hidden-width activations
+    per pixel and stage, ~3× the state of the paper's classifier)."""
+    size = int(np.prod(x0.shape)) + int(np.prod(theta0.shape))
+    return steps * stages * size * np.dtype(x0.dtype).itemsize
+
+
 def _stored_steps(term, solver, grid: np.ndarray, z0, args) -> tuple[State, dict]:
     """The fixed steps ``grid[k] -> grid[k + 1]`` of ``solver`` (:func:`fixed_step_grid`) as one
     ``lax.scan``: the state at ``grid[-1]`` and diffrax-style stats. Reverse mode stores every
@@ -606,8 +621,10 @@ def solve(
           the exact gradient of the discrete solve that was computed (it matches central finite
           differences to ~1e-9 in float64, ``tests/test_gradients.py``). Memory grows with the
           number of steps (O(log n) checkpoints, recomputing the rest); ``checkpoints=n`` stores
-          ``n`` states instead. With fixed steps, ``checkpoints >=`` their number
-          (:func:`fixed_step_count`) and no ``ts``, the solve is one ``lax.scan`` over diffrax's
+          ``n`` states instead. With fixed steps, no ``ts`` and ``checkpoints >=`` their number
+          (:func:`fixed_step_count`) — or the default ``checkpoints=None`` while the stored states
+          fit :data:`STORED_STEPS_MAX_BYTES` (:func:`stored_steps_bytes`; pass ``checkpoints=1``
+          for diffrax's recomputing loop instead) — the solve is one ``lax.scan`` over diffrax's
           own step times (:func:`fixed_step_grid`) of explicit Runge–Kutta steps
           written out stage by stage from the solver's Butcher tableau, which stores every
           stage's residuals and evaluates the field once per stage, backward pass included
@@ -698,11 +715,14 @@ def solve(
         fixed_steps = fixed_step_count(t0_, t1_, dt, dtype)  # the solve's step budget
     if max_steps is None:
         max_steps = fixed_steps if fixed_steps is not None else DEFAULT_ADAPTIVE_MAX_STEPS
-    # checkpoint adjoint, fixed steps, every step checkpointed and nothing saved but x(t1): one
-    # lax.scan of written-out RK steps, differentiated by JAX with every stage's residuals stored
-    # (diffrax's checkpointed loop evaluates each stage 3.5 times in a training step)
+    # checkpoint adjoint, fixed steps, every step checkpointed (asked for, or by default when the
+    # stored states fit STORED_STEPS_MAX_BYTES) and nothing saved but x(t1): one lax.scan of
+    # written-out RK steps, differentiated by JAX with every stage's residuals stored (diffrax's
+    # checkpointed loop evaluates each stage 3.5 times in a training step)
     store_all = (adjoint == "checkpoint" and fixed_steps is not None and ts is None
-                 and checkpoints is not None and checkpoints >= fixed_steps and max_steps >= fixed_steps)
+                 and max_steps >= fixed_steps
+                 and (checkpoints >= fixed_steps if checkpoints is not None else
+                      stored_steps_bytes(fixed_steps, info.stages, x0, theta0) <= STORED_STEPS_MAX_BYTES))
     grid = fixed_step_grid(t0_, t1_, dt, dtype) if store_all else None  # diffrax's own times
     if dt is None:
         dt0 = None

@@ -4,12 +4,34 @@ A test module that must run in float32 (training scripts, as users run them) set
 ``X64 = False`` at module level.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+from pathlib import Path
+
+# On a GPU machine each JAX process would preallocate 75% of the GPU's memory; pytest-xdist starts
+# one process per worker (and some tests start more): allocate on demand instead. Set before JAX
+# starts its backend, inherited by every subprocess a test starts.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# float32 dots and convolutions in full float32 on every backend (GPUs default to TF32, which
+# the tests' 1e-5 float32 comparisons would not meet); no effect on CPU
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _has_gpu() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core on CPU machines; at most 4 where a GPU is present (every
+    worker is a JAX process on the same GPU)."""
+    cores = os.cpu_count() or 1
+    return min(cores, 4) if _has_gpu() else cores
 
 
 @pytest.fixture(autouse=True, scope="module")

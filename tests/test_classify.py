@@ -169,3 +169,40 @@ def test_make_optimizer_schedule_and_weight_decay():
         updates, state = opt.update(zero, state, params)
     # at the peak, a zero gradient leaves only the decoupled decay: -lr * wd * w
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones(3), rtol=1e-3)
+
+
+@pytest.mark.slow  # ~30 s: two compilations of the 28×28 model
+def test_winograd_trains_like_map_on_mnist5k_config():
+    """A few Adam steps of the ``mnist5k_cpu`` N-CODE open model (its widths, solver and adjoint)
+    with the Winograd conv block reach the same losses as with ``map`` to float32 rounding."""
+    from ncode_jax.data import load_dataset
+    from train.configs import mnist5k_cpu
+
+    c = mnist5k_cpu.get_config()
+    ds = load_dataset("mnist5k", "train", normalize=True)
+    images, labels = ds.images[:8], ds.labels[:8]
+    losses = {}
+    for impl in ("map", "winograd"):
+        model = image_classifier("open", images.shape[1:], 10, hidden=c["hidden"], augment=c["augment"],
+                                 gamma_hidden=c["gamma_hidden"], pool=c["pool"], conv_impl=impl)
+        params = model.init(jax.random.key(0))
+        opt = optax.adam(c["lr"])
+        opt_state = opt.init(params)
+
+        @jax.jit
+        def step(params, opt_state, model=model, opt=opt):
+            def loss_fn(p):
+                logits, _ = model(p, images, t1=c["t1"], solver=c["solver"], dt=c["dt"],
+                                  adjoint=c["adjoint"], checkpoints=c["checkpoints"])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+            loss, g = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = opt.update(g, opt_state)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        losses[impl] = []
+        for _ in range(4):
+            params, opt_state, loss = step(params, opt_state)
+            losses[impl].append(float(loss))
+    assert losses["map"][-1] < losses["map"][0]
+    np.testing.assert_allclose(losses["winograd"], losses["map"], rtol=1e-4)

@@ -21,6 +21,14 @@ X64 = False
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """These tests are about XLA:CPU's options: where a GPU is the default backend they run on the
+    CPU backend (arrays made and programs compiled there)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _ynn_convolutions(hlo: str) -> int:
     """Convolutions XLA handed to YNNPACK: ``ynn_fusion`` instructions whose fused computation
     holds a convolution."""
@@ -86,7 +94,7 @@ def test_training_engine_jit_compiles_with_them():
     fn, (x, theta) = _block_grad()
     step = dp.jit(lambda th, x: fn(x, th), batch_argnums=(1,))
     hlo = step.lower(theta, x).compile().as_text()
-    assert dp.backend == "cpu" and _ynn_convolutions(hlo) == 0
+    assert dp.backend == jax.default_backend() and _ynn_convolutions(hlo) == 0
 
 
 def test_lazy_jit_builds_at_the_first_call_with_the_options(monkeypatch):

@@ -1,4 +1,5 @@
-"""The checkpoint adjoint that stores every fixed step (``checkpoints >=`` the number of steps): one
+"""The checkpoint adjoint that stores every fixed step (``checkpoints >=`` the number of steps, or
+the default while the stored states fit a bound): one
 ``lax.scan`` of the solver's own step instead of diffrax's checkpointed loop. It must give the same
 solution, stats and gradients as the diffrax path, be taken under ``jax.jit`` (the times are
 Python floats there too), and fall back to diffrax where it does not apply."""
@@ -43,10 +44,10 @@ def test_stored_steps_equal_the_diffrax_path(kind, solver, dt, t1, batch, monkey
     taken = []
     real = SOLVE._stored_steps
     monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(1) or real(*a))
-    v_ref, s_ref, g_ref = _loss_and_grad(model, params, **opts)
-    assert not taken  # checkpoints=None: diffrax's checkpointed loop
-    v, s, g = _loss_and_grad(model, params, checkpoints=100, **opts)
-    assert taken  # under jax.jit
+    v_ref, s_ref, g_ref = _loss_and_grad(model, params, checkpoints=1, **opts)
+    assert not taken  # checkpoints=1 < the steps: diffrax's checkpointed loop
+    v, s, g = _loss_and_grad(model, params, **opts)
+    assert taken  # the default (checkpoints=None) stores the steps; under jax.jit
     assert s == s_ref and v == pytest.approx(v_ref, rel=1e-12)
     assert tree_rel_err(g, g_ref) < 1e-12
 
@@ -76,7 +77,7 @@ def test_stored_steps_take_diffrax_grid_for_any_dt(dtype, dt, t1, monkeypatch):
         (v, stats), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return float(v), {k: np.asarray(v).tolist() for k, v in stats.items()}, g
 
-    v_ref, s_ref, g_ref = run(None)
+    v_ref, s_ref, g_ref = run(1)
     assert not taken
     v, s, g = run(100)
     assert len(taken) == 1
@@ -132,6 +133,27 @@ def test_stored_steps_gradient_matches_finite_differences():
     eps = 1e-5
     fd = (value(flat + eps * direction)[0] - value(flat - eps * direction)[0]) / (2 * eps)
     assert float(value(flat)[1] @ direction) == pytest.approx(float(fd), rel=1e-7)
+
+
+def test_default_stores_the_steps_while_they_fit_the_bound(monkeypatch):
+    """``checkpoints=None`` (the default) takes the stored-steps path when
+    ``stored_steps_bytes`` is within ``STORED_STEPS_MAX_BYTES``, diffrax's loop beyond it."""
+    model = nc.NCODE.build("open", nc.MLPField(2, 8), (2,), hidden=(8,))
+    params = model.init(jax.random.key(0), jnp.float64)
+    taken = []
+    real = SOLVE._stored_steps
+    monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(1) or real(*a))
+    need = SOLVE.stored_steps_bytes(4, 4, X0, jnp.zeros((6, model.field.num_params), X0.dtype))
+    assert need == 4 * 4 * (X0.size + 6 * model.field.num_params) * 8
+    first = model(params, X0, solver="rk4", dt=0.25)
+    assert taken == [1]
+    monkeypatch.setattr(SOLVE, "STORED_STEPS_MAX_BYTES", need - 1)
+    second = model(params, X0, solver="rk4", dt=0.25)
+    assert taken == [1]  # beyond the bound: diffrax's checkpointed loop, the same solution
+    np.testing.assert_allclose(first.x, second.x, rtol=1e-12)
+    monkeypatch.setattr(SOLVE, "STORED_STEPS_MAX_BYTES", need)
+    model(params, X0, solver="rk4", dt=0.25)
+    assert taken == [1, 1]
 
 
 @pytest.mark.parametrize("opts", [

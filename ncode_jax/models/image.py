@@ -29,11 +29,13 @@ def image_classifier(
     feedback_hidden: tuple[int, ...] = (10,),
     act: str = "relu",
     pool: int = 1,
+    conv_impl: str = "auto",
 ) -> FlowClassifier:
     """Build a conv-block flow classifier for NHWC images of ``image_shape = (H, W, C)``.
 
     ``pool`` average-pools ``x(T)`` over ``pool × pool`` windows before the linear read-out
-    (1 = the paper's read-out of the whole state)."""
+    (1 = the paper's read-out of the whole state). ``conv_impl`` is the conv block's
+    implementation (:class:`~ncode_jax.ConvBlockField`'s ``impl``; all compute the same function)."""
     if kind not in IMAGE_KINDS:
         raise ValueError(f"unknown model {kind!r}; choose one of {list(IMAGE_KINDS)}")
     if len(image_shape) != 3 or min(image_shape) < 1:
@@ -42,7 +44,7 @@ def image_classifier(
         raise ValueError(f"need hidden >= 1 and augment >= 0, got hidden={hidden}, augment={augment}")
     h, w, c = image_shape
     extra = 0 if kind == "node" else augment
-    field = ConvBlockField(channels=c + extra, height=h, width=w, hidden=hidden, act=act)
+    field = ConvBlockField(channels=c + extra, height=h, width=w, hidden=hidden, act=act, impl=conv_impl)
     flow = NCODE.build(kind, field, tuple(image_shape), augment=extra, hidden=tuple(gamma_hidden),
                        feedback_hidden=tuple(feedback_hidden))
     return FlowClassifier(flow, num_classes, pool=pool)
