@@ -144,3 +144,11 @@ def test_benchmark_commands_name_real_flags():
         source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
         for flag in (a for a in argv if a.startswith("--")):
             assert f'"{flag}"' in source or f'"{flag}"' in common, f"{where}: {module} has no {flag}"
+
+
+def test_readme_links_resolve():
+    """Relative links of the Markdown files outside the site (the site build checks its own)."""
+    for path in USER_DOCS[:3]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (path.parent / target).exists(), f"{path.relative_to(ROOT)}: {target}"
