@@ -1,4 +1,4 @@
-"""Batch as one ODE system vs. ``vmap`` over per-sample solves (DESIGN.md fact 1).
+"""Batch as one ODE system vs. ``vmap`` over per-sample solves (docs/design.md, "Batch as one system").
 
 Toy closed-loop N-CODE (2-D state, 16-unit MLP field), forward + backward of a mean-square loss,
 for adaptive tsit5 and fixed-step rk4, checkpoint and backsolve adjoints. Prints a table of

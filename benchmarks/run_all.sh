@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the JAX-vs-PyTorch benchmark suite once and write benchmarks/results/*_<device>.json/.png.
+# Run the JAX-vs-PyTorch benchmark suite once and write benchmarks/results/*_<device>*.json/.png
+# (names: benchmarks/results/README.md).
 #
 #   bash benchmarks/run_all.sh --device gpu     # one GPU (sized for < 8 min on one H200; untested)
 #   bash benchmarks/run_all.sh --device cpu     # this project's 2-core CPU machines (~1 h)
@@ -26,22 +27,20 @@ cd "$(dirname "$0")/.."
 if [[ "$DEVICE" == gpu ]]; then  # JAX only: every per-sample conv implementation on the GPU
   run python -m benchmarks.conv_block --device gpu --impls map conv_map grouped --tag "$TAG"
 fi
-run python -m benchmarks.toy_step --device "$DEVICE" --repeats 20 --no-backward-count --tag "$TAG"
-run python -m benchmarks.toy_step --device "$DEVICE" --repeats 20 --no-backward-count --checkpoints steps \
-    --tag "${TAG}_ckpt_steps"
+run python -m benchmarks.toy_step --device "$DEVICE" --repeats 10 --no-backward-count --checkpoints steps --tag "$TAG"
 run python -m benchmarks.toy_step --device "$DEVICE" --sweep batch --loops closed --solvers rk4 --tag "$TAG"
 if [[ "$DEVICE" == gpu ]]; then  # auto = grouped on GPU; map (the CPU loop) beside it
   run python -m benchmarks.conv_step --device gpu --kinds open closed --solvers rk4 --impls auto map \
       --checkpoints default steps --tag "$TAG"
-else  # before (conv_map, diffrax's default checkpoints) / after (map, no recomputation), same run
-  run python -m benchmarks.conv_step --device cpu --kinds open closed --solvers rk4 --impls conv_map map \
-      --checkpoints default steps --repeats 3 --tag "$TAG"
+else  # the table of benchmarks/README.md: torch's im2col and its fastest per-sample convolutions
+  run python -m benchmarks.conv_step --device cpu --impls map --checkpoints steps --torch-conv unfold vmap grouped \
+      --repeats 3 --tag "$TAG"
 fi
 run python -m benchmarks.conv_step --device "$DEVICE" --kinds open --solvers dopri5 --adjoints checkpoint \
     --tag "${TAG}_adaptive"
 run python -m benchmarks.latent_flow_step --device "$DEVICE" --tag "$TAG"
 if [[ "$DEVICE" == cpu ]]; then  # CPU-only studies (process RSS; torch variants on CPU tensors)
-  run python -m benchmarks.conv_block --torch --skip-naive --tag "$TAG"
+  run python -m benchmarks.conv_block --batch 64 --impls map conv_map --torch --skip-naive --tag "$TAG"
   run python -m benchmarks.memory
 fi
 echo "done: results in benchmarks/results/*${TAG}*.json"

@@ -13,7 +13,7 @@
   that the step already made.
 
 Everything differentiable travels in ``args`` (a dict with keys ``theta``, ``feedback``,
-``cost``), never in closures (DESIGN.md fact 9).
+``cost``), never in closures (docs/design.md, "Parameters through args").
 """
 
 from __future__ import annotations

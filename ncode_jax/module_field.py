@@ -35,7 +35,8 @@ memory-bound (each weight is read once per sample) where a shared-weight GEMM is
 that is the price of N-CODE's per-sample weights, the same for the hand-written fields. Layers
 that ``vmap`` badly are the ones where JAX has no batched primitive of the same shape: a
 convolution with a per-sample kernel becomes a grouped convolution (``feature_group_count = B``),
-measured 30× slower than shared kernels on CPU (DESIGN.md fact 3); for per-sample convolutions use
+measured 30× slower than shared kernels on CPU (docs/design.md, "Per-sample convolutions");
+for per-sample convolutions use
 :class:`~ncode_jax.conv.ConvBlockField`, which has a hand-written fast path. Normalisation layers
 are per sample already (LayerNorm) or must not be used (BatchNorm mixes samples and carries mutable
 state: :meth:`ModuleField.from_flax` refuses modules with collections other than ``params``).
@@ -49,7 +50,7 @@ LeCun-normal kernels, 0 for constant leaves such as zero biases or unit LayerNor
 Everything stays hashable and array-free in the traced sense: the field holds functions, shapes,
 the tree structure and a frozen NumPy copy of the initial θ (hashed once by content), so it can be a
 static argument and passes through diffrax as part of the (static) vector field. Differentiable θ
-always arrives as an argument (DESIGN.md fact 9).
+always arrives as an argument (docs/design.md, "Parameters through args").
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 :func:`solve` integrates a :class:`~ncode_jax.dynamics.Dynamics` from ``(x0, θ0)``. It picks the
 solver and adjoint by name, uses fixed steps when ``dt`` is given and a PID controller
-(``rtol``/``atol``) otherwise, solves the whole batch as one ODE system by default (DESIGN.md
-fact 1), integrates forwards or backwards in time (``t1 < t0``), returns step and evaluation
-counts, and turns every failure into an error that names its cause (see :func:`solve`'s Raises).
+(``rtol``/``atol``) otherwise, solves the whole batch as one ODE system by default
+(docs/design.md, "Batch as one system"), integrates forwards or backwards in time
+(``t1 < t0``), returns step and evaluation counts, and turns every failure into an error that
+names its cause (see :func:`solve`'s Raises).
 :class:`SolveConfig` is the same set of options as one frozen, validated value, for configs,
 models and benchmarks.
 """
@@ -631,14 +632,15 @@ def solve(
           (memory O(steps); diffrax's checkpointed loop evaluates the field 3.5× per stage in a
           training step, and even diffrax's own ``step`` in a scan 2×, its stages being a
           checkpointed loop; ``tests/test_stored_steps.py`` counts them;
-          ``benchmarks/README.md``, "Issue 14", has the timings).
+          docs/design.md, "Stored steps", has the timings).
         * ``backsolve`` (optimise-then-discretise, the continuous adjoint of Chen et al. 2018,
           used by the paper): O(1) memory in the number of steps, but it re-solves the state
           backwards and integrates the adjoint ODE with the same method, so its gradient is an
           approximation with error O(dt^p) for a method of order p (or of the order of the
           tolerances with adaptive steps). Measured on the closed-loop reflection toy (float64):
           Euler dt=0.1 1.6% from the exact gradient, rk4 4e-8 to 7e-6, tsit5 rtol=1e-3 about 3%
-          (DESIGN.md facts 2 and 13; ``tests/test_adjoint_order.py`` checks the O(dt^p) rate).
+          (docs/design.md, "What each adjoint computes"; ``tests/test_adjoint_order.py`` checks
+          the O(dt^p) rate).
           Fixed-step Euler with backsolve is refused (the 1.6% made training diverge: loss 9.5e2
           vs 1.3e-5 with checkpoint); fixed order-2 and order-3 methods warn. ``seminorm=True``
           (adaptive steps only) lets the backward step-size control ignore the parameter-gradient
@@ -667,7 +669,7 @@ def solve(
         dtypes (``x0`` and ``θ0`` must share a floating dtype), a closed-loop dynamics without
         ``params["feedback"]``, an empty interval, ``ts`` not 1-D, outside ``[t0, t1]`` or not
         monotone in the direction of integration.
-      equinox.EquinoxRuntimeError (``throw=True``; under ``jax.jit`` too, and again in the
+      equinox.EquinoxRuntimeError: (``throw=True``; under ``jax.jit`` too, and again in the
         backward pass of ``jax.grad``): with a message that names the cause, one of —
         non-finite inputs (``x0``, ``θ0``, ``params``, times, ``ts``, tolerances); the dynamics
         produced NaN/inf (with the time of the first non-finite step); the step size collapsed

@@ -1,8 +1,8 @@
 """Solvers by name, including classical fourth-order Runge–Kutta (3/8 rule).
 
 diffrax ships no classical RK4; torchdiffeq's ``rk4`` is the 3/8 rule, so :class:`RK4` uses the
-same Butcher tableau — both frameworks then take identical steps (DESIGN.md fact 8). It has no
-embedded error estimate and is fixed-step only.
+same Butcher tableau — both frameworks then take identical steps (docs/design.md, "rk4 is the
+3/8 rule"). It has no embedded error estimate and is fixed-step only.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``checkpoint`` differentiates the discrete solve itself; ``backsolve`` re-solves the state
 backwards and integrates the adjoint ODE with the same method, so their gap is O(dt^p) for a
-method of order p (DESIGN.md fact 13). The model is issue 10's: closed-loop reflection,
+method of order p (docs/design.md, "What each adjoint computes"). The model is that page's
+closed-loop reflection,
 ``MLPField(1, 16)``, g with 32 hidden units, loss ``mean((x(1) + x0)²)``, float64 (32 points
 instead of 128, to keep the test fast).
 """

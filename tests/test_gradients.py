@@ -1,7 +1,7 @@
 """Gradients of N-CODE losses: adjoint vs adjoint (fixed rk4 steps: backsolve's O(dt^4) gap is
 below 1e-6 here, direct vs checkpoint agree to round-off; test_adjoint_order.py checks the rate),
 checkpoint vs central finite differences, and the (documented) inexactness of BacksolveAdjoint
-with adaptive steps (DESIGN.md fact 2).
+with adaptive steps (docs/design.md, "What each adjoint computes").
 
 Each gradient program costs seconds to compile on 2 CPU cores, so every (model, adjoint, steps)
 gradient is computed once per module by the ``grads`` fixture and shared between tests.
@@ -140,10 +140,11 @@ def test_fd_check_detects_a_wrong_gradient(grads):
 
 @pytest.mark.slow  # test_adjoint_order.py checks backsolve's inexactness in the default run
 def test_backsolve_is_approximate_with_adaptive_steps(grads):
-    """DESIGN.md fact 2: with adaptive steps BacksolveAdjoint re-solves backwards on its own
+    """With adaptive steps BacksolveAdjoint re-solves backwards on its own
     grid, so its gradient differs from the checkpointed (exact-for-the-discrete-solve) one.
     Measured here (tsit5, rtol=1e-3, atol=1e-6): 8.6e-4 relative for "open" (5e-4 for
-    "open_closed"); 3% on the DESIGN toy problem. The open model compiles fastest."""
+    "open_closed"); 3% on the closed-loop reflection toy of docs/design.md. The open model compiles
+    fastest."""
     v_cp, g_cp = grads("open", "checkpoint", ADAPTIVE)
     v_bs, g_bs = grads("open", "backsolve", ADAPTIVE)
     np.testing.assert_allclose(v_bs, v_cp, rtol=1e-12)  # same forward solve

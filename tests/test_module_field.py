@@ -221,7 +221,8 @@ def test_solve_and_gradients_equal_mlpfield(fields, solved, adjoint, which):
 def test_gradients_match_finite_differences(fields, solve_fns, solved, problem, adjoint, tol):
     """Directional derivatives of the ModuleField loss (θ shared, θ per sample, x0) by central
     differences. backsolve is the continuous adjoint, not the exact gradient of the discrete solve:
-    O(dt⁴) off for rk4, measured 3e-4 (θ) to 8e-3 (x0) relative at dt=0.25 (DESIGN.md fact 13)."""
+    O(dt⁴) off for rk4, measured 3e-4 (θ) to 8e-3 (x0) relative at dt=0.25
+    (docs/design.md, "What each adjoint computes")."""
     mlp, mod, _ = fields
     x0, th_sh, th_sa = problem
     fn, eps = solve_fns[adjoint], 1e-5

@@ -1,4 +1,4 @@
-"""The README's API example runs as written and does what it says."""
+"""The README's API example runs as written and does what it says (the guides' blocks: test_docs.py)."""
 
 import re
 import subprocess

@@ -1,6 +1,6 @@
 """`solve` and `NCODE`: a correct answer or a clear refusal, for every case users hit.
 
-One test (or group) per fault of issue 10: dtypes under x64, errors that name their cause,
+One test (or group) per fault users hit: dtypes under x64, errors that name their cause,
 checks that survive every composition of jit/grad/vmap, bad inputs refused eagerly and under
 jit alike, derivatives an adjoint cannot give, degenerate sizes, stable activations.
 (Adjoint accuracy against the solver's order: test_adjoint_order.py; reverse time:
@@ -64,7 +64,7 @@ class SquareField(nc.VectorField):
 ])
 def test_float32_model_stays_float32(adjoint, x64):
     """Outputs and the adjoint's own cotangents (before JAX casts them to the parameters' dtype)
-    keep float32, under every adjoint, with x64 on and off (issue 10: Python-float t0/t1 made the
+    keep float32, under every adjoint, with x64 on and off (Python-float t0/t1 once made the
     state and backsolve's gradients float64)."""
     with jax.enable_x64(x64):
         model = NCODE.build("open_closed", MLPField(3, 4), (3,), hidden=(4,), feedback_hidden=(4,),

@@ -1,4 +1,4 @@
-"""The run engine's workdir (issue 13's numbered failures): lock, hang-free failed saves, verified
+"""The run engine's workdir, one test per failure it must not have: lock, hang-free failed saves, verified
 checkpoints with fallback, append-only metrics, config recorded only after validation, unfinished
 runs, one ``error:`` line with exit code 2. Tiny toy runs (16 points, rk4 dt 0.5)."""
 

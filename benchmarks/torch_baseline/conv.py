@@ -34,8 +34,8 @@ grouped convolution too). **``vmap`` is the default**, the fastest measured on t
   3516 / 3573 / 4016.
 
 Earlier, loaded runs (load average ~8) had ranked ``unfold`` first (``grouped`` and ``vmap``
-1333–1372 ms per block), which is why it was the default until 2026-12-01; benchmarks/README.md
-has both. ``unfold`` also keeps the im2col matrix (``B·9h·H·W`` floats, 90 MB at batch 64) per
+1333–1372 ms per block), which is why it was the default before; benchmarks/README.md
+has the current table. ``unfold`` also keeps the im2col matrix (``B·9h·H·W`` floats, 90 MB at batch 64) per
 evaluation for the backward pass: 1.4 GB for 16 rk4 evaluations under ``odeint``.
 """
 

@@ -2,9 +2,9 @@
 
 Smaller than the paper: 16 hidden channels instead of 50 (the 10 augmented channels are the
 paper's), fixed-step rk4 with 3 steps on [0, 1] (12 evaluations) instead of an adaptive solver
-(4 steps until 2026-12-01: 16 evaluations, 1.25× the time per training step measured
-interleaved, 217.7 vs 174.0 ms on 2 devices; the same held-out accuracy within the ±0.5 points one
-seed moves by: 96.9% against 97.0% on 2 devices).
+(4 steps, 16 evaluations, took 1.25× the time per training step, measured interleaved:
+217.7 vs 174.0 ms on 2 devices, for the same held-out accuracy within the ±0.5 points one seed
+moves by: 96.9% against 97.0%).
 With only 4,000 training images the paper's plain recipe overfits (92.8% held-out after 6 epochs,
 100% batch accuracy), so this config adds what a small-data run needs: random shifts of up to
 2 pixels, a linear read-out of x(T) average-pooled 2×2 (still linear in x(T), 4× fewer weights),
@@ -22,7 +22,7 @@ per-image loop; the same global batch and gradient, 1.35× faster again with 4 s
 
 Expected (N-CODE open, seed 0, ``num_devices=2``, 2 CPU cores): 97.0% held-out accuracy, 12 NFE
 per solve, 1,250 training steps at ~0.18 s each, 235 s of wall time including an evaluation per
-epoch (seeds 1 and 2: 97.0% in 238 s, 97.1% in 233 s; measured 2026-12-01). The README table has
+epoch (seeds 1 and 2: 97.0% in 238 s, 97.1% in 233 s). The guide "Reproducing the paper" has
 all four models. ``--set model=all`` runs NODE, ANODE, N-CODE open and closed under the same budget.
 """
 

@@ -13,7 +13,7 @@ steps (the checkpoint adjoint's memory grows with them: 1.32× over 8× the step
 ``benchmarks/memory.py``), and the faster of the two against PyTorch in the conv step on CPU
 (torch/JAX 1.9 with ``odeint_adjoint`` vs 1.0 with ``odeint``, loaded machine, batch 64, rk4).
 With adaptive dopri5 its gradient is approximate to the tolerances (a few % at rtol 1e-3 on the
-toy problem, DESIGN.md fact 2); no GPU measurement of accuracy or memory at equal settings exists
+toy problem, docs/design.md); no GPU measurement of accuracy or memory at equal settings exists
 yet, so switch to ``--set adjoint=checkpoint`` if such a measurement favours it.
 """
 
