@@ -162,7 +162,8 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
     jax_fns = {}
     for label, impl, ck, xla in jax_variants(adjoint, solver, args):
         kw = dict(solve_kw, checkpoints=ck) if ck is not None else solve_kw
-        jax_fns[label] = dict(call=make_step(_with_impl(clf0, impl), kw, xla), impl=impl,
+        clf = _with_impl(clf0, impl)
+        jax_fns[label] = dict(call=make_step(clf, kw, xla), impl=impl, field=clf.flow.field,
                               resolved_impl=resolve_impl(impl), checkpoints=ck, xla=xla)
 
     torch_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol,
@@ -209,6 +210,13 @@ def run_case(kind, solver, adjoint, *, args, jdev, tdev, peak):
         jrow = {"first_call_s": warm[key]["compile_s"], "nfe_fwd": int(jnfe), "loss": float(jloss),
                 **summarize(times[key])}
         jrow.update(hardware_fraction(jrow["nfe_fwd"] * case["flops"]["fwd_bwd"], jrow["median_ms"], peak))
+        # what the implementation multiplies: Winograd's 3×3 layer does fewer products than the
+        # direct-equivalent count above (ConvBlockField.flops(executed=True)), forward + 2 gradients
+        field = v["field"]
+        saved = 3 * (field.flops(args.batch) - field.flops(args.batch, executed=True))
+        executed = jrow["nfe_fwd"] * (case["flops"]["fwd_bwd"] - saved)
+        jrow.update(executed_gflop=round(executed / 1e9, 4),
+                    executed_gflops=round(executed / jrow["median_ms"] / 1e6, 2))
         for conv, trow in trows.items():
             fixed = solver == "rk4"
             row = {"kind": kind, "solver": solver, "dt": args.dt if fixed else None,
@@ -229,7 +237,8 @@ def fmt_row(r) -> str:
     return (f"{r['kind']:6s} {r['solver']:6s} {r['jax_adjoint']:10s}/{r['torch_call']:14s} "
             f"{r.get('variant', ''):26s} torch conv {r.get('torch_conv', ''):7s} "
             f"B={r['batch']:<4d} JAX {j['median_ms']:8.1f} ms (nfe {j['nfe_fwd']:3d}, first "
-            f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak)  torch "
+            f"{j['first_call_s']:5.1f} s, {100 * j['fraction_of_matmul_peak']:4.1f}% of peak, executed "
+            f"{j.get('executed_gflops', float('nan')):5.1f} GFLOP/s)  torch "
             f"{t['median_ms']:8.1f} ms (nfe {t['nfe_fwd']:3d}+{t['nfe_bwd']:3d}, "
             f"{100 * t['fraction_of_matmul_peak']:4.1f}%)  torch/JAX {r['ratio_torch_over_jax']:5.2f}  "
             f"loss {j['loss']:.4f}/{t['loss']:.4f}")
