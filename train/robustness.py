@@ -213,7 +213,7 @@ def results_table(agg: list[dict], cfg: RobustnessConfig) -> str:
 def plot(agg: list[dict], cfg: RobustnessConfig, out: Path) -> Path:
     from .figures import plt, save
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
     last = None
     eps = np.asarray(cfg.epsilons)
     k = f"pgd{max(cfg.pgd_steps)}"
@@ -229,7 +229,7 @@ def plot(agg: list[dict], cfg: RobustnessConfig, out: Path) -> Path:
             last = line[0].get_color()
     ax.set(xlabel="ε (L∞, pixels in [0, 1])", ylabel="held-out accuracy (%)",
            title="accuracy under attack (mean ± std over seeds)", ylim=(0, 100))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save(fig, out)
 
 
