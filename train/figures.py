@@ -70,17 +70,21 @@ def annuli_flows(workdir: Path, models: list[str]) -> Path:
 
 
 def training_curves(workdir: Path) -> Path:
-    """Fig. 4 right: training loss of every model, one panel per problem."""
-    rows = [r for path in sorted(workdir.glob("*_*/metrics.jsonl")) for r in read_metrics(path)
-            if r.get("kind") == "train"]
+    """Fig. 4 right: training loss of every model, one panel per problem (the mean over seeds at
+    each step when a model has several, ``<problem>_<model>/seed<k>/``)."""
+    paths = sorted([*workdir.glob("*_*/metrics.jsonl"), *workdir.glob("*_*/seed*/metrics.jsonl")])
+    rows = [r for path in paths for r in read_metrics(path) if r.get("kind") == "train"]
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(problems)), figsize=(5 * max(1, len(problems)), 3.5),
                              squeeze=False)
     for ax, p in zip(axes[0], problems):
         for m in LABELS:
-            pts = sorted((r["step"], r["loss"]) for r in rows if r["problem"] == p and r["model"] == m)
-            if pts:
-                s, loss = zip(*pts)
+            by_step: dict[int, list[float]] = {}
+            for r in rows:
+                if r["problem"] == p and r["model"] == m:
+                    by_step.setdefault(r["step"], []).append(r["loss"])
+            if by_step:
+                s, loss = zip(*sorted((k, float(np.mean(v))) for k, v in by_step.items()))
                 ax.semilogy(s, loss, label=LABELS[m])
         ax.set_title(f"{p}: training loss ({'MSE' if p == 'reflection' else 'cross-entropy'})")
         ax.set_xlabel("step")
