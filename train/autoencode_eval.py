@@ -6,20 +6,27 @@
 Options are the keys of :class:`EvalConfig`, as ``--key value`` or ``--set key=value`` (the same
 mechanism as the training scripts, :mod:`train.config`).
 
-``--workdir`` is the work directory of ``train.autoencode``; runs not trained to their last step
-are refused (``--allow-unfinished``: evaluated and labelled UNFINISHED). For every model: the
-held-out reconstruction MSE (pixels in [0, 1]) and the FID between the held-out images and
+``--workdir`` is the work directory of ``train.autoencode``: every run under it is evaluated
+(``<model>[_norm][_c<k>]/`` and, for sweeps over seeds, their ``seed<k>/``); runs not trained to
+their last step are refused (``--allow-unfinished``: evaluated and labelled UNFINISHED). For every
+run: the held-out reconstruction MSE (pixels in [0, 1]) and the FID between the held-out images and
 ``--samples`` decoded samples of each latent sampler — a Gaussian mixture with each of
 ``--components`` (k-means init, tol 1e-3, ≤ 100 EM iterations) fitted on the codes of
 ``--fit-split`` (default train; the paper fitted the test codes), a Gaussian KDE, the VAE's N(0, I)
-prior — and of the held-out reconstructions. Features: InceptionV3 pool3 with
-``--inception-weights`` ("FID", see ``docs/inception_weights.md``); otherwise, for digit sets, the
-digit-feature network trained on the engine in ``<workdir>/digit_features/``
-(:mod:`train.digit_features`), reported as **digit-feature FID**, not comparable to the paper's.
+prior, for AutoN-CODE also each mixture fitted to the encoder's controls θ instead (``controls
+GMM-k``: samples sent through the flow and the decoder; ``--controls false`` turns them off) —
+and of the held-out reconstructions. ``results.md`` has one row per model variant (mean ± std over
+seeds when several) and the paired differences of MSE and GMM FID between variants
+(:mod:`train.stats`); ``eval.json`` every run, the aggregates and every paired difference.
+Features: InceptionV3 pool3 with ``--inception-weights`` ("FID", see
+``docs/inception_weights.md``); otherwise, for digit sets, the digit-feature network trained on
+the engine in ``<workdir>/digit_features/`` (:mod:`train.digit_features`), reported as
+**digit-feature FID**, not comparable to the paper's.
 
 Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md``, ``orbit.png`` (AutoN-CODE's decoded
-``x(t)``, figs. 8/A.2), ``samples_<model>.png``, ``interpolation.png`` (fig. A.8) and ``tsne.png``
-(fig. A.7). Too many mixture components for the codes is an error raised before any work.
+``x(t)``, figs. 8/A.2), ``samples_<model variant>.png``, ``interpolation.png`` (fig. A.8) and
+``tsne.png`` (fig. A.7); the figures show the first seed of each variant. Too many mixture
+components for the codes is an error raised before any work.
 """
 
 from __future__ import annotations
