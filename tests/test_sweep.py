@@ -93,7 +93,7 @@ def test_fgsm_at_zero_is_clean_and_pgd_is_below_fgsm():
     params = model.init(jax.random.key(0))
     opts = dict(solver="euler", dt=1.0, adjoint="checkpoint")  # one step: a quicker compile
     x = jnp.asarray(test.images[:32])
-    y = jnp.argmax(model(params, x, **opts)[0], -1)
+    y = jax.jit(lambda p, x: jnp.argmax(model(p, x, **opts)[0], -1))(params, x)
     single, pgd = robustness.make_attacks(model, opts, 0.0, 1.0)
     key = jax.random.key(1)
     at0 = single(params, x, y, jnp.float32(0.0), key)
