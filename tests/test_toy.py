@@ -55,7 +55,7 @@ def test_outputs_written(reflection_results):
                  "training_curves.png"]:
         assert (workdir / name).stat().st_size > 0, name
     summary = json.loads((workdir / "summary.json").read_text())
-    assert {s["model"] for s in summary} == {"node", "open", "closed"}
+    assert {s["model"] for s in summary["runs"]} == {"node", "open", "closed"}
     rows = engine.read_metrics(workdir / "reflection_open" / "metrics.jsonl")
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(10, 201, 10))

@@ -6,20 +6,27 @@
 Options are the keys of :class:`EvalConfig`, as ``--key value`` or ``--set key=value`` (the same
 mechanism as the training scripts, :mod:`train.config`).
 
-``--workdir`` is the work directory of ``train.autoencode``; runs not trained to their last step
-are refused (``--allow-unfinished``: evaluated and labelled UNFINISHED). For every model: the
-held-out reconstruction MSE (pixels in [0, 1]) and the FID between the held-out images and
+``--workdir`` is the work directory of ``train.autoencode``: every run under it is evaluated
+(``<model>[_norm][_c<k>]/`` and, for sweeps over seeds, their ``seed<k>/``); runs not trained to
+their last step are refused (``--allow-unfinished``: evaluated and labelled UNFINISHED). For every
+run: the held-out reconstruction MSE (pixels in [0, 1]) and the FID between the held-out images and
 ``--samples`` decoded samples of each latent sampler — a Gaussian mixture with each of
 ``--components`` (k-means init, tol 1e-3, ≤ 100 EM iterations) fitted on the codes of
 ``--fit-split`` (default train; the paper fitted the test codes), a Gaussian KDE, the VAE's N(0, I)
-prior — and of the held-out reconstructions. Features: InceptionV3 pool3 with
-``--inception-weights`` ("FID", see ``docs/inception_weights.md``); otherwise, for digit sets, the
-digit-feature network trained on the engine in ``<workdir>/digit_features/``
-(:mod:`train.digit_features`), reported as **digit-feature FID**, not comparable to the paper's.
+prior, for AutoN-CODE also each mixture fitted to the encoder's controls θ instead (``controls
+GMM-k``: samples sent through the flow and the decoder; ``--controls false`` turns them off) —
+and of the held-out reconstructions. ``results.md`` has one row per model variant (mean ± std over
+seeds when several) and the paired differences of MSE and GMM FID between variants
+(:mod:`train.stats`); ``eval.json`` every run, the aggregates and every paired difference.
+Features: InceptionV3 pool3 with ``--inception-weights`` ("FID", see
+``docs/inception_weights.md``); otherwise, for digit sets, the digit-feature network trained on
+the engine in ``<workdir>/digit_features/`` (:mod:`train.digit_features`), reported as
+**digit-feature FID**, not comparable to the paper's.
 
 Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md``, ``orbit.png`` (AutoN-CODE's decoded
-``x(t)``, figs. 8/A.2), ``samples_<model>.png``, ``interpolation.png`` (fig. A.8) and ``tsne.png``
-(fig. A.7). Too many mixture components for the codes is an error raised before any work.
+``x(t)``, figs. 8/A.2), ``samples_<model variant>.png``, ``interpolation.png`` (fig. A.8) and
+``tsne.png`` (fig. A.7); the figures show the first seed of each variant. Too many mixture
+components for the codes is an error raised before any work.
 """
 
 from __future__ import annotations
@@ -37,9 +44,9 @@ from ncode_jax.compiler import jit as nc_jit
 from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
 from ncode_jax.metrics.batching import map_batches
 from ncode_jax.metrics.fid import fid_from_features
-from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS
+from ncode_jax.models.autoencoder import MODEL_KINDS
 
-from . import autoencode, figures
+from . import autoencode, figures, stats
 from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides, to_dict
 from .engine import error, load_run, parse_args
 
@@ -79,20 +86,42 @@ class Features:
         return self.fn(np.clip(images, 0.0, 1.0))
 
 
-def model_dirs(workdir: Path, models: list[str] | None) -> list[Path]:
+def run_dirs(workdir: Path, models: list[str] | None) -> list[Path]:
+    """Every run of ``train.autoencode`` under ``workdir`` (``<model>[_norm][_c<k>]/`` and their
+    ``seed<k>/``), ordered by model, variant and seed; ``models`` keeps only those kinds."""
     if models is not None and set(models) - set(MODEL_KINDS):
         raise UserError(f"unknown models {sorted(set(models) - set(MODEL_KINDS))}; choose from {MODEL_KINDS}")
-    found = [workdir / m for m in models or MODEL_KINDS if (workdir / m / "config.json").exists()]
-    if not found or (models and len(found) < len(models)):
-        raise UserError(f"{workdir} holds no trained {models or 'models'} (<model>/config.json written by "
+    found = []
+    for path in sorted(workdir.glob("**/config.json")):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if record.get("task") != "autoencode" or path.parent.name == "eval":
+            continue
+        c = record.get("config", {})
+        if models is None or c.get("model") in models:
+            found.append((MODEL_KINDS.index(c.get("model")) if c.get("model") in MODEL_KINDS else 99,
+                          bool(c.get("latent_norm")), c.get("controls_per_row", 2), c.get("seed", 0),
+                          path.parent))
+    missing = sorted(set(models or ()) - {MODEL_KINDS[f[0]] for f in found if f[0] < len(MODEL_KINDS)})
+    if not found or missing:
+        raise UserError(f"{workdir} holds no trained {missing or 'models'} (<model>/config.json written by "
                         "python -m train.autoencode)")
-    return found
+    return [d for *_, d in sorted(found, key=lambda f: f[:4])]
 
 
 def evaluate_model(run, train, test, features: Features, real_feats, *, components,
-                   n_samples: int, fit_split: str, kde_bandwidth, seed: int) -> tuple[dict, dict]:
+                   n_samples: int, fit_split: str, kde_bandwidth, seed: int,
+                   controls: bool = True, figures: bool = True) -> tuple[dict, dict]:
     """Metrics for one trained model (a :func:`~train.engine.load_run` result) and the arrays the
-    figures need."""
+    figures need (``figures=False``: none, and no t-SNE colouring fit).
+
+    Samplers of the codes ``z``: ``GMM-k`` for each of ``components``, ``KDE`` and the VAE's
+    prior. With ``controls`` an AutoN-CODE also gets ``controls GMM-k``: the mixture fitted to the
+    encoder's controls θ (``2n`` per image) of the same images, its samples sent through the flow
+    (:meth:`~ncode_jax.models.autoencoder.Autoencoder.controls_to_latent`) and the decoder — the
+    paper's "sampling from the control coefficients" (sec. 5.4, future work there)."""
     cfg, model, variables = run.config, run.model, run.params
     latent = nc_jit(model.latent)  # compiled with ncode_jax.compiler_options (conv coders)
     decode = nc_jit(model.decode)
@@ -100,9 +129,9 @@ def evaluate_model(run, train, test, features: Features, real_feats, *, componen
     codes_test = batched(lambda x: latent(variables, x), test.images)
     codes_fit = codes_test if fit_split == "test" else batched(lambda x: latent(variables, x), train.images)
     recon = batched(lambda z: decode(variables, z), codes_test)
-    label = MODEL_LABELS[cfg.model] + ("" if run.finished else f" (UNFINISHED: step {run.step} of "
+    label = autoencode.label(run.task.row()) + ("" if run.finished else f" (UNFINISHED: step {run.step} of "
                                                                 f"{run.task.total_steps})")
-    result = {"model": cfg.model, "label": label, "finished": run.finished, "step": run.step,
+    result = {**run.task.row(), "seed": cfg.seed, "label": label, "finished": run.finished, "step": run.step,
               "num_params": model.num_params(), "latent_dim": model.latent_dim,
               "test_mse": float(np.mean((recon - test.images) ** 2)), "fid_name": features.name,
               "fit_split": fit_split, "n_fit_codes": int(codes_fit.shape[0]), "samplers": {}}
@@ -110,6 +139,15 @@ def evaluate_model(run, train, test, features: Features, real_feats, *, componen
     makers["KDE"] = lambda: KDESampler(codes_fit, bandwidth=kde_bandwidth)
     if cfg.model == "vae":
         makers["prior N(0,I)"] = lambda: PriorSampler(model.latent_dim)
+    to_code = {}  # sampler name -> map of its samples to codes (default: they are codes)
+    if controls and cfg.model == "ncode":
+        encode = nc_jit(model.encode)
+        fit_images = test.images if fit_split == "test" else train.images
+        theta_fit = batched(lambda x: encode(variables, x), fit_images)
+        flow = nc_jit(model.controls_to_latent)
+        for k in components:
+            makers[f"controls GMM-{k}"] = lambda k=k: GMMSampler(theta_fit, k, seed=seed)
+            to_code[f"controls GMM-{k}"] = lambda theta: batched(flow, theta)
     samplers, fit_seconds = {}, {}
     for name, make in makers.items():
         t_fit = time.perf_counter()
@@ -119,43 +157,77 @@ def evaluate_model(run, train, test, features: Features, real_feats, *, componen
     if features.name is not None:
         result["fid_reconstructions"] = float(fid_from_features(real_feats, features(recon)))
     for name, sampler in samplers.items():
-        imgs = batched(lambda z: decode(variables, z), sampler.sample(n_samples, seed=seed))
+        drawn = sampler.sample(n_samples, seed=seed)
+        codes = to_code[name](drawn) if name in to_code else drawn
+        imgs = batched(lambda z: decode(variables, z), codes)
         entry = {"fit": sampler.fit_info, "fit_seconds": fit_seconds[name]}
         if features.name is not None:
             entry["fid"] = float(fid_from_features(real_feats, features(imgs)))
         result["samplers"][name] = entry
         sample_images[name] = imgs[:24]
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if not figures:
+        return result, {}
     arrays = {"model": model, "variables": variables, "codes_test": codes_test,
-              "samples": sample_images, "gmm10": GMMSampler(codes_test, 10, seed=seed)}
+              "samples": sample_images, "gmm10": GMMSampler(codes_test, min(10, len(codes_test)), seed=seed)}
     return result, arrays
 
 
+def flat(result: dict) -> dict:
+    """One evaluated run as a flat row: its keys, seed, ``test_mse``, ``fid_reconstructions`` and
+    ``fid <sampler>`` per sampler (for :mod:`train.stats`)."""
+    row = {k: result[k] for k in (*autoencode.KEYS, "seed", "test_mse", "num_params")}
+    if "fid_reconstructions" in result:
+        row["fid_reconstructions"] = result["fid_reconstructions"]
+    row.update({f"fid {n}": s["fid"] for n, s in result["samplers"].items() if "fid" in s})
+    return row
+
+
+def sampler_names(components) -> list[str]:
+    return ([f"GMM-{k}" for k in components] + ["KDE", "prior N(0,I)"]
+            + [f"controls GMM-{k}" for k in components])
+
+
 def results_table(results: list[dict], components) -> str:
+    """Per model variant (mean ± std over seeds when several): held-out MSE, the FID of each
+    sampler and of the reconstructions, parameters; then paired differences of the MSE and of the
+    FID of the largest mixture of at most 100 components."""
     fid_name = results[0]["fid_name"] or "FID (not computed)"
-    names = [f"GMM-{k}" for k in components] + ["KDE", "prior N(0,I)"]
-    head = ("| model | held-out recon. MSE | " + " | ".join(f"{fid_name} {n}" for n in names)
+    rows = [flat(r) for r in results]
+    agg = stats.aggregate(rows, autoencode.KEYS)
+    names = [n for n in sampler_names(components) if any(f"fid {n}" in a for a in agg)]
+    if results[0]["fid_name"] is None:
+        names = []
+    labels = {tuple(r[k] for k in autoencode.KEYS): r["label"] for r in results}
+    head = ("| model | seeds | held-out recon. MSE | " + " | ".join(f"{fid_name} {n}" for n in names)
             + f" | {fid_name} of reconstructions | parameters |")
-    lines = [head, "|" + "---|" * (len(names) + 4)]
-    for r in results:
-        cells = []
-        for n in names:
-            s = r["samplers"].get(n)
-            cells.append("—" if s is None or "fid" not in s else f"{s['fid']:.2f}")
-        rec = f"{r['fid_reconstructions']:.2f}" if "fid_reconstructions" in r else "—"
-        lines.append(f"| {r['label']} | {r['test_mse']:.5f} | " + " | ".join(cells)
-                     + f" | {rec} | {r['num_params']:,} |")
-    return "\n".join(lines)
+    lines = [head, "|" + "---|" * (len(names) + 5)]
+    for a in agg:
+        cells = [stats.mean_std(a[f"fid {n}"]) if f"fid {n}" in a else "—" for n in names]
+        rec = stats.mean_std(a["fid_reconstructions"]) if "fid_reconstructions" in a else "—"
+        lines.append(f"| {labels[tuple(a[k] for k in autoencode.KEYS)]} | {a['n']} | "
+                     f"{stats.mean_std(a['test_mse'], digits=5)} | " + " | ".join(cells)
+                     + f" | {rec} | {a['num_params']['mean']:,.0f} |")
+    table = "\n".join(lines)
+    small = [k for k in components if k <= 100]
+    for metric, digits in [("test_mse", 5)] + ([(f"fid GMM-{max(small)}", 2)] if small and names else []):
+        pairs = stats.paired(rows, autoencode.KEYS, metric)
+        if pairs:
+            table += "\n\n" + stats.paired_table(pairs, autoencode.label, digits=digits)
+    return table
 
 
 def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
     unless ``cfg.allow_unfinished``, and then labelled UNFINISHED in every output."""
-    dirs = model_dirs(workdir, cfg.models)
+    dirs = run_dirs(workdir, cfg.models)
     record = json.loads((dirs[0] / "config.json").read_text())
-    if record.get("task") != "autoencode":
-        raise UserError(f"{dirs[0]}/config.json was not written by this version of train.autoencode")
     cfg0 = build(autoencode.AutoencodeConfig, record["config"])
+    for d in dirs[1:]:
+        other = json.loads((d / "config.json").read_text())["config"]
+        if (other.get("dataset"), other.get("test_split")) != (cfg0.dataset, cfg0.test_split):
+            raise UserError(f"{d} was trained on {other.get('dataset')} {other.get('test_split')}, "
+                            f"{dirs[0]} on {cfg0.dataset} {cfg0.test_split}: evaluate them separately")
     data = autoencode.Task(cfg0)
     train, test = data.train, data.test
     n_fit = test.num_examples if cfg.fit_split == "test" else train.num_examples
@@ -164,7 +236,7 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
         raise ValueError(f"cannot fit Gaussian mixtures with {too_many} components to the {n_fit} latent "
                          f"codes of the {cfg.fit_split} split: use at most {n_fit} components")
     runs = {d: load_run(d) for d in dirs}
-    unfinished = [f"{d.name} (step {r.step} of {r.task.total_steps})" for d, r in runs.items()
+    unfinished = [f"{d.relative_to(workdir)} (step {r.step} of {r.task.total_steps})" for d, r in runs.items()
                   if not r.finished]
     if unfinished and not cfg.allow_unfinished:
         raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
@@ -173,21 +245,27 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     features = Features(workdir, cfg0.dataset, cfg0.data_dir, cfg.inception_weights)
     real_feats = features(test.images) if features.name is not None else None
-    results, arrays = [], {}
+    results, arrays = [], {}  # arrays: label -> the figures' arrays of the group's first seed
     for d in dirs:
-        print(f"evaluating {d.name} ...", file=sys.stderr, flush=True)
+        rel = d.relative_to(workdir).as_posix()
+        print(f"evaluating {rel} ...", file=sys.stderr, flush=True)
+        label = autoencode.label(runs[d].task.row())
         res, arr = evaluate_model(runs[d], train, test, features, real_feats, components=cfg.components,
                                   n_samples=cfg.samples, fit_split=cfg.fit_split,
-                                  kde_bandwidth=cfg.kde_bandwidth, seed=cfg.seed)
-        results.append(res)
-        arrays[d.name] = arr
+                                  kde_bandwidth=cfg.kde_bandwidth, seed=cfg.seed, controls=cfg.controls,
+                                  figures=label not in arrays)
+        results.append({**res, "run_dir": rel})
+        if label in arrays:
+            continue
+        arrays[label] = arr
         figures.plot_rows(f"{res['label']}: random samples per latent sampler", arr["samples"],
-                          out / f"samples_{d.name}.png")
+                          out / f"samples_{rel.split('/')[0]}.png")
     # figures
     rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(test.num_examples, size=n_figure, replace=False)
-    if "ncode" in arrays:
-        a = arrays["ncode"]
+    flows = [a for a in arrays.values() if a["model"].kind == "ncode"]
+    if flows:
+        a = flows[0]
         ts = jnp.linspace(0.0, a["model"].t1, 11)
         _, decoded = nc_jit(a["model"].orbit)(a["variables"], jnp.asarray(test.images[pick]), ts)
         figures.plot_orbit(np.asarray(ts), np.asarray(decoded), test.images[pick], out / "orbit.png")
@@ -198,7 +276,7 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
         for name, a in arrays.items():
             z = (1 - w) * a["codes_test"][i] + w * a["codes_test"][j]
             imgs = np.asarray(a["model"].decode(a["variables"], jnp.asarray(z)))
-            interp[f"{MODEL_LABELS[name]} (pair {p + 1})"] = imgs
+            interp[f"{name} (pair {p + 1})"] = imgs
     figures.plot_rows("linear interpolation between the latent codes of two held-out images", interp,
                       out / "interpolation.png", cols=10)
     from sklearn.manifold import TSNE
@@ -209,12 +287,16 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
         t_tsne = time.perf_counter()
         codes = a["codes_test"][sub]
         emb = TSNE(n_components=2, init="pca", random_state=cfg.seed, perplexity=30).fit_transform(codes)
-        panels[MODEL_LABELS[name]] = (emb, a["gmm10"].predict(codes), test.labels[sub])
+        panels[name] = (emb, a["gmm10"].predict(codes), test.labels[sub])
         print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
     figures.plot_tsne(panels, out / "tsne.png")
+    rows = [flat(r) for r in results]
+    fids = sorted({k for r in rows for k in r if k.startswith("fid")})
     meta = {"workdir": str(workdir), "unfinished": unfinished, **to_dict(cfg), "fid_name": features.name,
             "test_examples": test.num_examples, "feature_extractor": getattr(features, "info", None),
-            "results": results}
+            "results": results,
+            "aggregate": stats.aggregate(rows, autoencode.KEYS),
+            "paired": [p for m in ["test_mse", *fids] for p in stats.paired(rows, autoencode.KEYS, m)]}
     (out / "eval.json").write_text(json.dumps(meta, indent=2))
     (out / "results.md").write_text(results_table(results, cfg.components) + "\n")
     return results
@@ -230,6 +312,7 @@ class EvalConfig(Config):
     fit_split: str = "train"  # the codes the samplers are fitted to
     kde_bandwidth: float | None = None  # in standardised units; None: Scott's rule
     inception_weights: str | None = None  # .npz InceptionV3 weights (standard FID)
+    controls: bool = True  # AutoN-CODE: also sample mixtures fitted to the controls θ
     seed: int = 0
     tsne_points: int = 1000
     allow_unfinished: bool = False  # evaluate runs stopped before their last step (labelled)

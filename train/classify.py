@@ -3,10 +3,17 @@
     python -m train.classify --config train/configs/mnist5k_cpu.py --workdir runs/mnist5k \
         [--set model=open] [--set epochs=3 ...]
 
-``model`` may be one name, a comma list or ``all``: each trains in ``<workdir>/<model>/`` on
-:mod:`train.engine` (eval row per epoch; re-running resumes; random shifts are a pure function of
-``(seed, step)``; data-parallel over ``num_devices`` and several processes, see the README); the
-work directory gets ``summary.json``, ``results.md`` and ``curves.png``.
+``model`` may be one name, a comma list or ``all`` (NODE, ANODE, ANODE with N-CODE open's
+parameter count ``anode_matched``, N-CODE open and closed); ``seed`` one seed or a comma list
+(``--set seed=0,1,2,3,4``). Each (model, seed) trains in ``<workdir>/<model>/`` — in
+``<workdir>/<model>/seed<k>/`` when several seeds are given — on :mod:`train.engine` (eval row per
+epoch; re-running resumes; random shifts are a pure function of ``(seed, step)``; data-parallel over
+``num_devices`` and several processes, see the README). The work directory gets ``summary.json``
+(every run, per-model mean ± standard deviation over seeds and per-seed values, paired differences
+of held-out accuracy and loss between models with their 95% paired-t intervals: :mod:`train.stats`),
+``results.md`` (the same as tables) and ``curves.png`` (held-out accuracy per epoch, mean ± std
+over seeds). Models trained on the same seed see the same data order, which is what makes the
+differences paired.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from ncode_jax.data.augment import random_shift
 from ncode_jax.data.images import KNOWN_DATASETS
 from ncode_jax.models.image import FLOW_LABELS, IMAGE_KINDS, image_classifier
 
-from . import engine
+from . import engine, stats
 from .config import Config, SolveConfig, check_choice, check_range
 
 
@@ -77,6 +84,7 @@ class Task(engine.Task):
     """Cross-entropy of a linear read-out of ``x(T)``; held-out loss, accuracy and NFE."""
 
     name, config_class = "classify", ClassifyConfig
+    compare = ("test_accuracy", "test_loss")
 
     def __init__(self, config: ClassifyConfig):
         super().__init__(config)
@@ -143,16 +151,33 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str | Path, *, progress: bo
 
 
 def results_table(summaries: list[dict]) -> str:
-    header = ["model", "test accuracy", "NFE (forward, eval)", "wall time (s)", "steps", "parameters"]
-    return engine.markdown_table(header, [[FLOW_LABELS[s["model"]], f"{100 * s['test_accuracy']:.2f}%",
-                                           f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.0f}", s["steps"],
-                                           f"{s['num_params']:,}"] for s in summaries])
+    """Per model: held-out accuracy (mean ± std over seeds, per-seed values when several), NFE, mean
+    wall time, steps, parameters; then the paired accuracy differences (:mod:`train.stats`)."""
+    agg = stats.aggregate(summaries, ["model"])
+    several = any(a["n"] > 1 for a in agg)
+    header = ["model", "seeds", "held-out accuracy (%)" + (", mean ± std" if several else ""),
+              *(["per seed (%)"] if several else []), "NFE (forward, eval)", "wall time (s)" +
+              (", mean" if several else ""), "steps", "parameters"]
+    rows = [[FLOW_LABELS[a["model"]], a["n"], stats.mean_std(a["test_accuracy"], 100),
+             *([stats.per_seed(a["test_accuracy"], 100)] if several else []), f"{a['test_nfe']['mean']:.0f}",
+             f"{a['wall_time_s']['mean']:.0f}", f"{a['steps']['mean']:.0f}",
+             f"{a['num_params']['mean']:,.0f}"]
+            for a in agg]
+    table = engine.markdown_table(header, rows)
+    pairs = stats.paired(summaries, ["model"], "test_accuracy")
+    if pairs:
+        table += "\n\n" + stats.paired_table(pairs, lambda g: FLOW_LABELS[g["model"]], scale=100,
+                                              unit=", percentage points")
+    return table
 
 
 def report(workdir: Path, tasks, summaries: list[dict]) -> None:
     from .figures import classification_curves
 
-    classification_curves(workdir, [s["model"] for s in summaries])
+    runs: dict[str, list[Path]] = {}
+    for s in summaries:
+        runs.setdefault(s["model"], []).append(workdir / s["run_dir"])
+    classification_curves(workdir, runs)
 
 
 def main(argv=None) -> int:

@@ -57,6 +57,8 @@ class Task:
 
     name: str
     config_class: type
+    #: summary metrics whose paired differences between groups (same seeds) a sweep reports
+    compare: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config
@@ -302,7 +304,8 @@ def make_step(task: Task, optimizer, rng):
     def step_fn(params, extra, opt_state, step, batch):
         grad_fn = jax.value_and_grad(task.loss, has_aux=True)
         (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, jax.random.fold_in(rng, step))
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        # value: the loss, for transformations that read it (optax.contrib.reduce_on_plateau)
+        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
         return optax.apply_updates(params, updates), extra, opt_state, loss, metrics
 
     return step_fn
@@ -384,30 +387,52 @@ class _Override(argparse.Action):  # --<key> VALUE -> one more "key=VALUE" in na
 
 
 def expand(raw: dict, sweep: dict[str, tuple]) -> list[dict]:
-    """One raw config per combination of the ``sweep`` keys given as ``all`` or ``a,b``."""
+    """One raw config per combination of the ``sweep`` keys given as ``all`` or ``a,b`` (``seed``
+    is swept by every script: ``seed=0,1,2``; a key with no listed choices has no ``all``)."""
     out = [raw]
     for key, choices in sweep.items():
         value = raw.get(key)
-        if not isinstance(value, str) or ("," not in value and value != "all"):
+        if not isinstance(value, str) or ("," not in value and value.strip() != "all"):
             continue
-        values = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+        if value.strip() == "all" and not choices:
+            raise UserError(f"{key}=all: list the values instead, e.g. {key}=0,1,2")
+        values = (list(choices) if value.strip() == "all"
+                  else [v.strip() for v in value.split(",") if v.strip()])
+        if len(set(map(str, values))) != len(values):
+            raise UserError(f"{key}={value!r} lists a value more than once")
         out = [{**r, key: v} for r in out for v in values]
     return out
 
 
 def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir, table, report=None,
                 progress: bool = True) -> list[dict]:
-    """Train every config (``workdir / subdir(task)`` each, under a lock on ``workdir``), then write
-    ``summary.json`` and ``results.md`` (``table(summaries)``) and call ``report``."""
+    """Train every config (``workdir / subdir(task)`` each, ``/ seed<k>`` below it when the configs
+    hold several seeds; under a lock on ``workdir``), then write ``summary.json``
+    (:func:`train.stats.summary`: the runs, each with its ``seed`` and ``run_dir`` relative to
+    ``workdir``, per-group mean ± std over seeds and the paired differences of
+    ``task_class.compare``), ``results.md`` (``table(runs)``) and call ``report``. Returns the runs'
+    summaries."""
+    from . import stats
+
     tasks = [make_task(task_class, c) for c in configs]
+    several = len({t.config.seed for t in tasks}) > 1
+
+    def where(t: Task) -> Path:
+        return Path(workdir) / subdir(t) / (f"seed{t.config.seed}" if several else "")
+
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        summaries = [train_and_evaluate(t, Path(workdir) / subdir(t), progress=progress) for t in tasks]
+        summaries = [{**train_and_evaluate(t, where(t), progress=progress), "seed": t.config.seed,
+                      "run_dir": where(t).relative_to(workdir).as_posix()} for t in tasks]
     finally:
         if lock is not None:
             lock.release()
     if jax.process_index() == 0:
-        _write_json(Path(workdir) / "summary.json", summaries)
+        keys = list(tasks[0].row()) if tasks else []
+        try:
+            _write_json(Path(workdir) / "summary.json", stats.summary(summaries, keys, task_class.compare))
+        except ValueError as e:  # e.g. the same run listed twice
+            raise UserError(str(e)) from None
         (Path(workdir) / "results.md").write_text(table(summaries) + "\n")
         if report is not None:
             report(Path(workdir), tasks, summaries)
@@ -427,7 +452,7 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
         parallel.ensure_cpu_devices(raw.get("num_devices"))  # before the configs touch JAX
-        configs = [build(task_class.config_class, r) for r in expand(raw, sweep)]
+        configs = [build(task_class.config_class, r) for r in expand(raw, {**sweep, "seed": ()})]
         summaries = run_configs(task_class, configs, args.workdir, subdir=subdir, table=table, report=report,
                                 progress=not args.no_progress)
         if jax.process_index() == 0:

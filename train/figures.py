@@ -70,17 +70,21 @@ def annuli_flows(workdir: Path, models: list[str]) -> Path:
 
 
 def training_curves(workdir: Path) -> Path:
-    """Fig. 4 right: training loss of every model, one panel per problem."""
-    rows = [r for path in sorted(workdir.glob("*_*/metrics.jsonl")) for r in read_metrics(path)
-            if r.get("kind") == "train"]
+    """Fig. 4 right: training loss of every model, one panel per problem (the mean over seeds at
+    each step when a model has several, ``<problem>_<model>/seed<k>/``)."""
+    paths = sorted([*workdir.glob("*_*/metrics.jsonl"), *workdir.glob("*_*/seed*/metrics.jsonl")])
+    rows = [r for path in paths for r in read_metrics(path) if r.get("kind") == "train"]
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, max(1, len(problems)), figsize=(5 * max(1, len(problems)), 3.5),
                              squeeze=False)
     for ax, p in zip(axes[0], problems):
         for m in LABELS:
-            pts = sorted((r["step"], r["loss"]) for r in rows if r["problem"] == p and r["model"] == m)
-            if pts:
-                s, loss = zip(*pts)
+            by_step: dict[int, list[float]] = {}
+            for r in rows:
+                if r["problem"] == p and r["model"] == m:
+                    by_step.setdefault(r["step"], []).append(r["loss"])
+            if by_step:
+                s, loss = zip(*sorted((k, float(np.mean(v))) for k, v in by_step.items()))
                 ax.semilogy(s, loss, label=LABELS[m])
         ax.set_title(f"{p}: training loss ({'MSE' if p == 'reflection' else 'cross-entropy'})")
         ax.set_xlabel("step")
@@ -88,17 +92,28 @@ def training_curves(workdir: Path) -> Path:
     return save(fig, workdir / "training_curves.png")
 
 
-def classification_curves(workdir: Path, models: list[str]) -> Path:
-    """Held-out accuracy and NFE per epoch of each ``<workdir>/<model>/metrics.jsonl``."""
+def classification_curves(workdir: Path, runs: dict[str, list[Path]]) -> Path:
+    """Held-out accuracy and NFE per epoch, model -> its run directories (one per seed): the mean
+    over seeds with a band and error bars of ± one standard deviation (sample std) when a model has
+    several seeds. Epochs some seeds have not reached (unfinished runs) use the seeds that have."""
     fig, (ax_acc, ax_nfe) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m in models:
-        rows = [r for r in read_metrics(workdir / m / "metrics.jsonl") if r["kind"] == "eval"]
-        ep = [r["epoch"] for r in rows]
-        ax_acc.plot(ep, [100 * r["test_accuracy"] for r in rows], "o-", label=LABELS[m])
-        ax_nfe.plot(ep, [r["test_nfe"] for r in rows], "o-", label=LABELS[m])
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy")
+    for m, dirs in runs.items():
+        per_seed = [{r["epoch"]: r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "eval"}
+                    for d in dirs]
+        epochs = sorted(set().union(*per_seed))
+        n = len(dirs)
+        label = LABELS[m] + (f" ({n} seeds)" if n > 1 else "")
+        for ax, key, scale in ((ax_acc, "test_accuracy", 100), (ax_nfe, "test_nfe", 1)):
+            vals = [[scale * rows[e][key] for rows in per_seed if e in rows] for e in epochs]
+            mean = np.array([np.mean(v) for v in vals])
+            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals])
+            line = ax.errorbar(epochs, mean, yerr=std if n > 1 else None, fmt="o-", ms=3, capsize=2,
+                               label=label)
+            if n > 1:
+                ax.fill_between(epochs, mean - std, mean + std, alpha=0.2, color=line[0].get_color())
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy (mean ± std over seeds)")
     ax_nfe.set(xlabel="epoch", ylabel="NFE per forward solve", title="function evaluations")
-    ax_acc.legend()
+    ax_acc.legend(fontsize=8)
     return save(fig, workdir / "curves.png")
 
 

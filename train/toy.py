@@ -26,7 +26,7 @@ from ncode_jax.data import toy as toy_data
 from ncode_jax.models import FlowClassifier
 from ncode_jax.models.image import FLOW_LABELS
 
-from . import engine
+from . import engine, stats
 from .config import Config, SolveConfig, check_choice, check_range
 
 PROBLEMS = ("reflection", "annuli")
@@ -159,11 +159,21 @@ def _evaluation_arrays(task: Task, params) -> dict[str, np.ndarray]:
 
 
 def results_table(summaries: list[dict]) -> str:
-    header = ["problem", "model", "held-out metric", "NFE (forward)", "train time (s, with compile)", "steps"]
+    """One row per (problem, model): the held-out metric (mean ± std over seeds when several), NFE,
+    train time and steps (means over seeds)."""
+    agg = stats.aggregate(summaries, ["problem", "model"])
+    header = ["problem", "model", "seeds", "held-out metric", "NFE (forward)", "train time (s, with compile)",
+              "steps"]
+
+    def metric(a):
+        if a["problem"] == "reflection":
+            m, s = a["test_mse"]["mean"], a["test_mse"]["std"]
+            return f"MSE {m:.2e}" + (f" ± {s:.1e}" if a["n"] > 1 else "")
+        return "accuracy " + stats.mean_std(a["test_accuracy"], 100, 1) + "%"
+
     return engine.markdown_table(header, [
-        [s["problem"], FLOW_LABELS[s["model"]], f"MSE {s['test_mse']:.2e}" if s["problem"] == "reflection"
-         else f"accuracy {100 * s['test_accuracy']:.1f}%", f"{s['test_nfe']:.0f}", f"{s['wall_time_s']:.1f}",
-         s["steps"]] for s in summaries])
+        [a["problem"], FLOW_LABELS[a["model"]], a["n"], metric(a), f"{a['test_nfe']['mean']:.0f}",
+         f"{a['wall_time_s']['mean']:.1f}", f"{a['steps']['mean']:.0f}"] for a in agg])
 
 
 def _name(task: Task) -> str:
@@ -171,7 +181,12 @@ def _name(task: Task) -> str:
 
 
 def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
+    """The figures' arrays (of the first seed of each problem and model) and the figures."""
+    done = set()
     for task in tasks:
+        if _name(task) in done:
+            continue
+        done.add(_name(task))
         np.savez(workdir / f"{_name(task)}_eval.npz", **_evaluation_arrays(task, task.trained[0]))
     if tasks and all(t.config.figures for t in tasks):
         from .figures import make_figures

@@ -13,6 +13,13 @@ differ only in how the encoder output becomes the latent code ``z`` of size ``n`
   drawn by reparameterisation while training and is the mean at evaluation; prior N(0, I).
 * ``"ae"`` — the encoder outputs ``n`` entries, read directly as ``z``.
 
+``latent_norm=True`` (any kind; **not in the paper**) puts a component-wise batch normalisation
+(:class:`~ncode_jax.models.coders.ComponentNorm`, learned scale and shift) in front of the decoder,
+so the decoder sees ``BN(z)``; ``z`` itself (what :meth:`Autoencoder.latent` returns and the
+samplers fit) is unchanged. AutoN-CODE's codes ``x(t1)`` otherwise reach the decoder
+unnormalised (on ``mnist5k``: mean ≈ 3, std ≈ 2, nearly all positive), while the AE's code is the
+output of the encoder's final normalisation; see ``docs/experiments.md`` for what it changes.
+
 AutoN-CODE and the VAE therefore have exactly the same parameters (the constant ``x(0)`` is not
 learned); the AE's last encoder layer is ``n`` outputs smaller.
 
@@ -34,6 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,11 +52,22 @@ from ..dynamics import Dynamics
 from ..fields import SparseLinearField
 from ..regularizers import regularizer_args
 from ..solve import Solution, check_options, solve
-from .coders import Architecture
+from .coders import Architecture, ComponentNorm
 
 MODEL_KINDS = ("ae", "vae", "ncode")
 LIKELIHOODS = ("bernoulli", "mse")
 MODEL_LABELS = {"ae": "AE", "vae": "VAE", "ncode": "AutoN-CODE"}
+
+
+class NormalizedDecoder(nn.Module):
+    """``decoder(BN(z))``: a :class:`~ncode_jax.models.coders.ComponentNorm` of the ``(B, n)`` code
+    (batch statistics while training, running averages at evaluation), then ``decoder``."""
+
+    decoder: nn.Module
+
+    @nn.compact
+    def __call__(self, z: Array, train: bool) -> Array:
+        return self.decoder(ComponentNorm()(z, train), train)
 
 
 class Output(NamedTuple):
@@ -71,7 +90,8 @@ class Autoencoder:
     validated by its :func:`~ncode_jax.check_options`) are those of the AutoN-CODE latent flow,
     which starts at ``t = 0``; ``offsets`` its sparse pattern (``(0, 1)``: two
     non-zeros per row); ``control_scale`` the initial scale of the controls' normalisation (small,
-    so that ``t1·A(θ)`` starts with entries of order one).
+    so that ``t1·A(θ)`` starts with entries of order one); ``latent_norm`` a batch normalisation of
+    the code at the decoder's input (not in the paper, see the module docstring).
     """
 
     kind: str
@@ -90,6 +110,7 @@ class Autoencoder:
     batch: str = "system"
     offsets: tuple[int, ...] = (0, 1)
     control_scale: float = 0.1
+    latent_norm: bool = False
     running_cost: Any = None  # AutoN-CODE only: a running cost ℓ on the latent flow (regularizers)
 
     def __post_init__(self):
@@ -137,7 +158,8 @@ class Autoencoder:
 
     @property
     def decoder(self):
-        return self.arch.decoder(tuple(self.image_shape))
+        inner = self.arch.decoder(tuple(self.image_shape))
+        return NormalizedDecoder(inner) if self.latent_norm else inner
 
     @property
     def x0(self) -> Float[Array, " n"]:
@@ -257,6 +279,17 @@ class Autoencoder:
                              f"needs (batch, {self.latent_dim})")
         return self.output_images(self._decode(variables, z, False)[0])
 
+    def controls_to_latent(self, theta: Float[Array, "B P"]) -> Float[Array, "B n"]:
+        """AutoN-CODE only: the code ``x(t1)`` of controls θ ``(B, P)`` (``P = enc_dim``), the flow
+        without the encoder — for generation by sampling in the space of the controls (the paper's
+        sec. 5.4 names it as future work). Raises ValueError for another kind or another ``P``."""
+        if self.kind != "ncode":
+            raise ValueError(f"only AutoN-CODE has controls; this is a {MODEL_LABELS[self.kind]}")
+        if theta.ndim != 2 or theta.shape[1] != self.enc_dim:
+            raise ValueError(f"controls have shape {tuple(theta.shape)}, but this {self.describe()} needs "
+                             f"(batch, {self.enc_dim})")
+        return self.flow(theta).x
+
     def reconstruct(self, variables: dict, images: Array) -> Array:
         """``decode(latent(images))`` in ``[0, 1]``."""
         return self.decode(variables, self.latent(variables, images))
@@ -301,5 +334,5 @@ class Autoencoder:
 
 def autoencoder(kind: str, arch: Architecture, image_shape: tuple[int, int, int], **options) -> Autoencoder:
     """Build an :class:`Autoencoder` (``options``: likelihood, t1, solver, dt, rtol, atol,
-    adjoint, max_steps, checkpoints, seminorm, batch, offsets, control_scale)."""
+    adjoint, max_steps, checkpoints, seminorm, batch, offsets, control_scale, latent_norm)."""
     return Autoencoder(kind, arch, tuple(int(s) for s in image_shape), **options)

@@ -23,7 +23,21 @@ per-image loop; the same global batch and gradient, 1.35× faster again with 4 s
 Expected (N-CODE open, seed 0, ``num_devices=2``, 2 CPU cores): 97.0% held-out accuracy, 12 NFE
 per solve, 1,250 training steps at ~0.18 s each, 235 s of wall time including an evaluation per
 epoch (seeds 1 and 2: 97.0% in 238 s, 97.1% in 233 s). The guide "Reproducing the paper" has
-all four models. ``--set model=all`` runs NODE, ANODE, N-CODE open and closed under the same budget.
+all four models. ``--set model=all`` runs NODE, ANODE, ANODE with N-CODE open's parameter count
+(``anode_matched``: 66 hidden channels, 62,369 parameters against open's 61,808), N-CODE open and
+closed under the same budget.
+
+With statistics (5 seeds, the same data order per seed for every model, so differences are
+paired; ``results.md`` gets mean ± std, per-seed values and 95% intervals of the paired
+differences, ``curves.png`` the spread over seeds)::
+
+    python -m train.classify --config train/configs/mnist5k_cpu.py --workdir runs/mnist5k_seeds \
+        --set model=all --set seed=0,1,2,3,4 --set num_devices=2
+    python -m train.robustness --workdir runs/mnist5k_seeds
+
+Expected wall time of the sweep on 2 quiet CPU cores: about 2.9 hours, 20 minutes per seed of it
+the wide ANODE (0.94 s per training step against ANODE's 0.22 s; ``docs/experiments.md``). The runs
+resume, so the sweep may be run in parts.
 """
 
 
