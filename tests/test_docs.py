@@ -122,13 +122,14 @@ def test_docs_commands_exist():
 
 def test_train_commands_parse(monkeypatch):
     """Each training command's options are accepted and its configs validate (nothing runs)."""
-    from train import autoencode_eval, engine, parallel
+    from train import autoencode_eval, engine, parallel, robustness
 
     def stop(*args, **kwargs):
         raise _Parsed
 
     monkeypatch.setattr(engine, "run_configs", stop)
     monkeypatch.setattr(autoencode_eval, "run", stop)
+    monkeypatch.setattr(robustness, "run", stop)
     monkeypatch.setattr(parallel, "initialize_from_args", lambda args: None)
     monkeypatch.setattr(parallel, "ensure_cpu_devices", lambda n: None)
     for where, cmd in commands():
