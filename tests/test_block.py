@@ -1,4 +1,4 @@
-"""NCODEBlock: an N-CODE flow as a Flax layer; the README's digits CNN trains to >= 90%."""
+"""NCODEBlock: an N-CODE flow as a Flax layer; the guide's digits CNN trains to >= 90%."""
 
 import re
 from pathlib import Path
@@ -13,18 +13,18 @@ import ncode_jax as nc
 
 X64 = False  # as users run Flax models
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "custom-networks.md"
 
 
-def _readme_block(heading: str, index: int) -> str:
-    section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+def _guide_block(heading: str, index: int) -> str:
+    section = GUIDE.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
 
 
 @pytest.fixture(scope="module")
 def digits_run():
-    """Run the README's digits example in this process (so its jitted step can be inspected)."""
-    code = _readme_block("## Control any network", 1)
+    """Run the guide's digits example in this process (so its jitted step can be inspected)."""
+    code = _guide_block("## An N-CODE layer inside a Flax model", 0)
     assert len([line for line in code.splitlines() if line.strip()]) <= 24
     ns = {"__name__": "readme_digits"}
     import contextlib
@@ -32,11 +32,11 @@ def digits_run():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        exec(compile(code, "README.md:digits", "exec"), ns)
+        exec(compile(code, "docs/custom-networks.md:digits", "exec"), ns)
     return ns, buf.getvalue()
 
 
-def test_readme_digits_cnn_reaches_90_percent(digits_run):
+def test_guide_digits_cnn_reaches_90_percent(digits_run):
     _, out = digits_run
     acc = float(re.search(r"held-out accuracy ([0-9.]+)", out).group(1))
     assert acc >= 0.90, out
