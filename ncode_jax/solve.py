@@ -23,6 +23,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
 from .dynamics import Dynamics, State
@@ -334,7 +335,25 @@ def _adjoint(name: str, checkpoints: int | None, backward_controller, throw: boo
 
 
 def _error_token(preds: Array, msgs: tuple[str, ...]) -> Array:
-    """A scalar 0 that raises ``msgs[i]`` for the first true ``preds[i]`` (one conditional)."""
+    """A scalar 0 that raises ``msgs[i]`` for the first true ``preds[i]`` (one conditional).
+
+    Under a mesh of several devices (``jax.set_mesh``) the check runs on every device (in a
+    ``shard_map`` over the mesh, on the predicates every device holds whole): left to XLA, the
+    conditional is pinned to one device, which raises alone while the others wait in the next
+    collective until XLA aborts the process. Inside a ``shard_map`` (a solve of each device's own
+    rows) the predicates are first combined over the manual axes (``pmax``): every device then
+    raises the same message, or none does."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.manual_axes:  # inside a shard_map: every device its own predicates
+        agreed = jax.lax.pmax(preds.astype(jnp.int32), tuple(mesh.manual_axes)) > 0
+        return _local_error_token(agreed, msgs)
+    if not mesh.empty and mesh.size > 1:
+        return jax.shard_map(lambda p: _local_error_token(p, msgs), mesh=mesh, in_specs=P(),
+                             out_specs=P(), check_vma=False)(preds)
+    return _local_error_token(preds, msgs)
+
+
+def _local_error_token(preds: Array, msgs: tuple[str, ...]) -> Array:
     if len(msgs) == 1:
         return eqx.error_if(jnp.zeros(()), preds[0], msgs[0])
     index = jnp.argmax(preds)  # the first true check names the cause

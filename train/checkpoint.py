@@ -31,7 +31,8 @@ class CheckpointError(UserError):
     """A checkpoint could not be written or no intact checkpoint fits the model."""
 
 
-def _host(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
+    """A replicated (or host) array as a NumPy array on this process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)  # replicated: every device holds the whole value
     return np.asarray(x)
@@ -79,7 +80,7 @@ class Checkpointer:
         if not self.write:
             return
         names, values, _ = _flat(state)
-        arrays = {n: _host(v) for n, v in zip(names, values)}
+        arrays = {n: host_array(v) for n, v in zip(names, values)}
         final = self.directory / f"step_{int(step):08d}"
         tmp = self.directory / f".tmp_step_{int(step):08d}_{os.getpid()}"
         try:

@@ -24,9 +24,12 @@ is every script's command line (``--config``, ``--workdir``, ``--set k=v``, ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 from ncode_jax.data.images import BatchIterator, load_dataset
 
 from . import parallel
-from .checkpoint import Checkpointer, WorkdirLock
+from .checkpoint import Checkpointer, WorkdirLock, host_array
 from .config import UserError, build, leaves, load_config_file, parse_overrides, to_dict
 
 #: run-record name -> module defining ``Task`` (for :func:`load_run`)
@@ -259,31 +262,42 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
 
     bar = tqdm(total=total, initial=min(step, total), disable=not (progress and dp.is_main),
                desc=" ".join(map(str, task.row().values())), file=sys.stderr, dynamic_ncols=True)
+    saved = ckpt.steps()[0] if ckpt.steps() else None  # what a failure leaves to resume from
+    failed = StepFailure(task, workdir, init_scale=_max_abs(template["params"]))
     while step < total:
         batch = dp.shard_batch(*task.prepare(next(it), step))
-        params, extra, opt_state, loss, metrics = train_step(params, extra, opt_state, step, batch)
+        with failed.catch(f"training step {step + 1}", params, saved):
+            out = train_step(params, extra, opt_state, step, batch)
+            value = float(out[3])  # waits for the step: a failure is named with its step number
+        if not np.isfinite(value):
+            raise failed.error(f"training step {step + 1}", f"the training loss became {value}", params,
+                               saved)
+        params, extra, opt_state, loss, metrics = out
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            loss, metrics = float(loss), {k: float(v) for k, v in metrics.items()}
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"{workdir}: the training loss became {loss} at step {step}")
+            loss, metrics = value, {k: float(v) for k, v in metrics.items()}
             bar.set_postfix(loss=f"{loss:.4g}")
             pending.append({**task.row(), "kind": "train", "step": step,
                             "epoch": step / task.steps_per_epoch, "loss": loss, **metrics,
                             "wall_time": wall()})
         is_eval = step == total or (task.eval_every and step % task.eval_every == 0)
         if is_eval:
-            last_eval = evaluate(task, eval_step, params, extra, dp)
+            with failed.catch(f"the evaluation after step {step}", params, saved):
+                last_eval = evaluate(task, eval_step, params, extra, dp)
             pending.append({**task.row(), "kind": "eval", "step": step,
                             "epoch": step // task.steps_per_epoch, **last_eval, "wall_time": wall()})
             if dp.is_main and progress:
                 bar.write(task.describe(step, last_eval))
         if is_eval or step % cfg.checkpoint_every == 0:
+            if not np.isfinite(_max_abs(params)):  # never save parameters that cannot be resumed
+                raise failed.error(f"training step {step}", "the parameters became NaN or inf", params, saved)
             save()
+            saved = step
     bar.close()
     if last_eval is None:  # a finished run resumed: evaluate its final parameters once more
-        last_eval = evaluate(task, eval_step, params, extra, dp)
+        with failed.catch(f"the evaluation after step {step}", params, saved):
+            last_eval = evaluate(task, eval_step, params, extra, dp)
     summary = {**task.row(), "steps": step, "finished": step >= total, **last_eval, "wall_time_s": wall(),
                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
                "train_examples": int(task.train.images.shape[0]),
@@ -293,6 +307,79 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
         _write_json(workdir / "summary.json", summary)
     task.trained = (params, extra)  # for reports drawn right after training (figures)
     return summary
+
+
+def _max_abs(tree) -> float:
+    """The largest ``|value|`` over the floating leaves of ``tree`` (inf or NaN if any is not finite)."""
+    out = 0.0
+    for leaf in jax.tree.leaves(tree):
+        a = host_array(leaf)
+        if a.size and np.issubdtype(a.dtype, np.floating):
+            m = float(np.max(np.abs(a)))
+            out = m if not np.isfinite(m) else max(out, m)
+            if not np.isfinite(out):
+                return out
+    return out
+
+
+#: a run-time error of the library (a solve's check) inside a jitted step, as JAX reports it
+_LIBRARY_MESSAGE = re.compile(r"(ncode_jax\.\w+: [^\n]*)")
+
+
+class TrainingFailed(UserError):
+    """A training step or evaluation failed at run time: one ``error:`` line (exit code 2) with the
+    step, what failed and its likely cause; no checkpoint is written for the failed step."""
+
+
+class StepFailure:
+    """Turns a failure inside a jitted training step or evaluation into :class:`TrainingFailed`.
+
+    The likely cause: parameters that grew over 100x their largest initial magnitude, or became
+    non-finite -> the learning rate; else the solver's step budget (the message names
+    ``max_steps``) -> that config key; otherwise the library's own message names it."""
+
+    def __init__(self, task: Task, workdir: Path, *, init_scale: float):
+        self.task, self.workdir, self.init_scale = task, workdir, init_scale
+
+    @contextlib.contextmanager
+    def catch(self, where: str, params, saved: int | None):
+        """Inside: a library check that fails (or XLA running out of memory) becomes
+        :class:`TrainingFailed` naming ``where``; ``params`` are the inputs of what failed."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - JAX re-raises run-time failures as several types
+            found = _LIBRARY_MESSAGE.search(str(e))
+            if found is None and "RESOURCE_EXHAUSTED" not in str(e):
+                raise  # not a failure of the computation's checks: a bug, with its traceback
+            what = found.group(1) if found else ("out of memory: " + str(e).splitlines()[0] +
+                                                 " (lower batch_size or the number of steps)")
+            raise self.error(where, what, params, saved) from None
+
+    def error(self, where: str, what: str, params, saved: int | None) -> TrainingFailed:
+        cfg = self.task.config
+        keys = leaves(type(cfg))
+        budget = min((k for k, (path, _) in keys.items() if path[-1] == "max_steps"), key=len, default=None)
+        scale = _max_abs(params)
+        what = what.split("; raise it with")[0]  # the library's advice names solve()'s argument
+        if not np.isfinite(scale) or scale > 100 * max(self.init_scale, 1e-6):
+            lr = f"lr={cfg.lr} " if hasattr(cfg, "lr") else ""
+            cause = (f"the parameters blew up (largest |value| {scale:.3g}, {self.init_scale:.3g} at "
+                     f"initialisation): the learning rate {lr}is likely too large; lower it")
+        elif "max_steps" in what and budget is not None:
+            now = cfg
+            for part in keys[budget][0]:
+                now = getattr(now, part)
+            now = "unset: the solve's default" if now is None else now
+            cause = (f"the solver's step budget: raise the config value {budget} (now {now}; "
+                     f"--set {budget}=N) or loosen the solver's tolerances or step")
+        else:
+            cause = None
+        kept = (f"the checkpoint of step {saved} in {self.workdir} is intact" if saved is not None
+                else f"nothing was saved in {self.workdir}")
+        cause = "" if cause is None else f"; likely cause: {cause}"
+        return TrainingFailed(f"{where} failed: {what.rstrip('.')}{cause}; {kept}")
 
 
 def make_step(task: Task, optimizer, rng):
@@ -423,6 +510,9 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
     """The command line of a training script: parse, validate, :func:`run_configs` every config
     (``sweep`` keys given as ``all`` or a comma list expand), print the table."""
     args = parse_args(argv, doc=doc, config_class=task_class.config_class, **defaults)
+    # a check that fails inside a jitted step is reported once, as this command's error line: not
+    # also as the traceback JAX logs for every failed host callback
+    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
     try:
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
@@ -434,8 +524,6 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
             print(table(summaries) + f"\n\nwrote {args.workdir}/summary.json, results.md and the runs")
     except (UserError, ValueError) as e:
         return error(e, 2)
-    except FloatingPointError as e:
-        return error(e, 1)
     except KeyboardInterrupt:
         return error("interrupted: the same command resumes from the last saved checkpoint", 130)
     return 0

@@ -1,0 +1,63 @@
+"""The run engine's error paths: a failed training step is one ``error:`` line with the step and
+the likely cause (learning rate, step budget), also with several devices; a resume is compared
+with the experiment that wrote the checkpoint. Tiny toy runs (16 points, rk4 dt 0.5)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train import engine, toy
+
+X64 = False
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = ["--problem", "reflection", "--model", "open", "--n-train", "16", "--n-test", "16", "--hidden", "4",
+         "--control-hidden", "4", "--no-progress", "--figures", "false", "--checkpoint-every", "1"]
+RK4 = ["--solver", "rk4", "--dt", "0.5"]
+# adaptive steps: parameters blown up by a huge learning rate make the field stiff
+BLOWN = ["--solver", "tsit5", "--set", "dt=none", "--max-steps", "64"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags, want", [
+    pytest.param([*BLOWN, "--lr", "1e4"],
+                 r"^error: training step (\d+) failed: ncode_jax\.solve: .*likely cause: the parameters "
+                 r"blew up .*the learning rate lr=10000\.0 is likely too large", marks=pytest.mark.slow),
+    ([*RK4, "--max-steps", "1"], r"^error: training step 1 failed: ncode_jax\.solve: the rk4 solver used all "
+                           r"max_steps=1 steps .*likely cause: the solver's step budget: raise the config "
+                           r"value max_steps \(now 1; --set max_steps=N\).*nothing was saved"),
+])
+def test_a_failed_training_step_is_one_error_line(flags, want, tmp_path, capsys):
+    assert toy.main(["--workdir", str(tmp_path), *FLAGS, "--steps", "8", *flags]) == 2
+    err = _one_error_line(capsys)
+    found = re.search(want, err)
+    assert found, err
+    run = tmp_path / "reflection_open"
+    if found.groups() and int(found.group(1)) > 1:  # the steps before it were saved, and stay intact
+        kept = int(found.group(1)) - 1
+        assert f"the checkpoint of step {kept} in {run} is intact" in err
+        loaded = engine.load_run(run)
+        assert loaded.step == kept
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(loaded.params))
+
+
+@pytest.mark.slow  # a fresh 2-device process (~15 s); without agreement XLA aborted it after ~40 s
+def test_a_failed_step_on_two_devices_is_one_error_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+    proc = subprocess.run([sys.executable, "-m", "train.toy", "--workdir", str(tmp_path), *FLAGS,
+                           "--steps", "8", *BLOWN, "--lr", "1e5", "--num-devices", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err[-3000:]
+    assert re.search(r"^error: training step \d+ failed: .*learning rate lr=100000\.0", err), err
