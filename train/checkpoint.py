@@ -1,11 +1,13 @@
 """Checkpoints verified on restore, and an exclusive workdir lock.
 
 Checkpoint ``step_<s>/``: ``arrays.npz`` (the state's leaves) and ``manifest.json`` (step, PyTree
-paths, shapes, dtypes, SHA-256 of ``arrays.npz``), written to a temporary directory, fsynced and
-renamed (a kill mid-save leaves the older ones intact). A failed save raises
-:class:`CheckpointError` at once (no background threads to hang the process). Restore takes the
-newest intact checkpoint (an older one, with a message, when the newest is damaged) and checks
-paths, shapes and dtypes against the model. Process 0 alone writes; every process reads.
+paths, shapes, dtypes, SHA-256 of ``arrays.npz``, and the run's identity: task and configuration,
+so that a resume is compared with what wrote the checkpoint even without the run's record),
+written to a temporary directory, fsynced and renamed (a kill mid-save leaves the older ones
+intact). A failed save raises :class:`CheckpointError` at once (no background threads to hang the
+process). Restore takes the newest intact checkpoint (an older one, with a message, when the
+newest is damaged) and checks identity, paths, shapes and dtypes against the model. Process 0
+alone writes; every process reads.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ class Checkpointer:
         return sorted((int(p.name[5:]) for p in self.directory.glob("step_*") if p.name[5:].isdigit()),
                       reverse=True)
 
-    def save(self, step: int, state: Any) -> None:
-        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``; returns once it is
-        committed. Raises :class:`CheckpointError` naming the directory if it cannot be written."""
+    def save(self, step: int, state: Any, identity: dict | None = None) -> None:
+        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``, with ``identity`` (a
+        JSON-able dict: what wrote it) in its manifest; returns once it is committed. Raises
+        :class:`CheckpointError` naming the directory if it cannot be written."""
         if not self.write:
             return
         names, values, _ = _flat(state)
@@ -90,7 +93,8 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())
             manifest = {"step": int(step), "sha256": _sha256(tmp / "arrays.npz"), "time": time.time(),
-                        "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()]}
+                        "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()],
+                        **({} if identity is None else {"identity": identity})}
             (tmp / "manifest.json").write_text(json.dumps(manifest))
             _fsync(tmp / "manifest.json")
             if final.exists():
@@ -113,9 +117,20 @@ class Checkpointer:
             arrays = [data[f"a{i}"] for i in range(len(manifest["leaves"]))]
         return manifest, arrays
 
-    def restore(self, template: Any) -> Any | None:
+    def identity(self) -> dict | None:
+        """The identity recorded with the newest intact checkpoint (None: no checkpoint, or one
+        written without it)."""
+        for step in self.steps():
+            try:
+                return self._read(step)[0].get("identity")
+            except (OSError, ValueError, KeyError, EOFError):
+                continue
+        return None
+
+    def restore(self, template: Any, same: Any = None) -> Any | None:
         """The newest intact checkpoint in ``template``'s structure (None if there is none); one
-        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`."""
+        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`, and so
+        does one whose recorded identity ``same(identity)`` answers with a difference (a string)."""
         names, values, treedef = _flat(template)
         damaged = []
         for step in self.steps():
@@ -126,6 +141,10 @@ class Checkpointer:
                 print(f"warning: checkpoint {self.directory}/step_{step:08d} is damaged ({e}); "
                       "trying the previous one", file=sys.stderr, flush=True)
                 continue
+            if same is not None and "identity" in manifest and (diff := same(manifest["identity"])):
+                raise CheckpointError(
+                    f"the checkpoint {self.directory}/step_{step:08d} was written by another experiment "
+                    f"({diff}); use another workdir, or delete that directory to start over")
             want = [[n, list(np.shape(v)), np.asarray(v).dtype.str] for n, v in zip(names, values)]
             if manifest["leaves"] != want:
                 got = manifest["leaves"] + [None] * len(want)

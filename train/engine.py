@@ -184,6 +184,38 @@ def _experiment(config) -> dict:
     return {k: v for k, v in to_dict(config).items() if k not in skip}
 
 
+def _identity(task: Task) -> dict:
+    """What a checkpoint records about the run that wrote it: task and whole configuration."""
+    return json.loads(json.dumps({"task": task.name, "config": to_dict(task.config)}))
+
+
+def _differs(name: str, config):
+    """``identity -> difference``: the non-resumable config keys (or the task) in which a
+    checkpoint's recorded identity differs from task ``name`` with ``config``, as
+    ``key: old -> new`` ('' if none)."""
+    def diff(identity: dict) -> str:
+        if identity.get("task") != name:
+            return f"task {identity.get('task')!r}, not {name!r}"
+        try:
+            old = build(type(config), identity["config"])
+        except (KeyError, TypeError, UserError) as e:
+            return f"a configuration this version cannot read: {e}"
+        a, b = (_flat_experiment(c) for c in (old, config))
+        return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                         if a.get(k) != b.get(k))
+    return diff
+
+
+def _flat_experiment(config) -> dict:
+    out = {}
+    for key, value in _experiment(config).items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def check_recorded_config(workdir: Path, task: Task) -> None:
     """Raise :class:`UserError` if ``workdir`` holds a run of another experiment."""
     path = workdir / "config.json"
@@ -235,7 +267,7 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     total = task.total_steps
     optimizer = task.optimizer(total)
     ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main)
-    state = ckpt.restore(template := _template(task, optimizer)) or template
+    state = ckpt.restore(template := _template(task, optimizer), _differs(task.name, task.config)) or template
     step, prior_wall = int(state["step"]), float(state["wall_time"])
     it = task.batches()
     it.restore({"epoch": int(state["data"]["epoch"]), "index": int(state["data"]["index"])})
@@ -249,6 +281,8 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     def wall() -> float:
         return round(prior_wall + time.perf_counter() - t_start, 2)
 
+    identity = _identity(task)
+
     def save() -> None:  # config.json first: a run that fails before its first save records nothing
         nonlocal pending
         if dp.is_main:
@@ -258,7 +292,7 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
         st = it.state()
         ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
                          "data": {"epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"])},
-                         "rng": state["rng"], "wall_time": np.asarray(wall())})
+                         "rng": state["rng"], "wall_time": np.asarray(wall())}, identity)
 
     bar = tqdm(total=total, initial=min(step, total), disable=not (progress and dp.is_main),
                desc=" ".join(map(str, task.row().values())), file=sys.stderr, dynamic_ncols=True)
@@ -413,20 +447,27 @@ def evaluate(task: Task, eval_step, params, extra, dp: parallel.DataParallel) ->
 def load_run(workdir: str | os.PathLike, **overrides) -> Run:
     """The model, trained parameters and config of a run directory of any training script.
 
-    ``overrides`` replace config values (as ``--set`` would); a checkpoint that does not fit the
-    rebuilt model raises :class:`~train.checkpoint.CheckpointError`. ``Run.finished`` is False for
-    a run stopped before its last step (readers must refuse or label it)."""
+    The run's configuration is its ``config.json`` or, without one, the identity recorded with its
+    checkpoint; ``overrides`` replace config values (as ``--set`` would). A checkpoint that does
+    not fit the rebuilt model, or was written by another experiment than ``config.json`` records,
+    raises :class:`~train.checkpoint.CheckpointError`. ``Run.finished`` is False for a run stopped
+    before its last step (readers must refuse or label it)."""
     workdir = Path(workdir)
     path = workdir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{workdir} holds no run (no config.json)")
-    record = json.loads(path.read_text())
-    if record.get("task") not in TASKS:
+    ckpt = Checkpointer(workdir / "checkpoints", write=False)
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else ckpt.identity()
+    except ValueError:
+        record = {}
+    if record is None:
+        raise UserError(f"{workdir} holds no run (no config.json, and no checkpoint that records its run)")
+    if not isinstance(record, dict) or record.get("task") not in TASKS:
         raise UserError(f"{path}: not written by a training script of this version")
     task_cls = importlib.import_module(TASKS[record["task"]]).Task
+    recorded = build(task_cls.config_class, record["config"])
     task = task_cls(build(task_cls.config_class, record["config"], overrides))
     optimizer = task.optimizer(task.total_steps)
-    state = Checkpointer(workdir / "checkpoints", write=False).restore(_template(task, optimizer))
+    state = ckpt.restore(_template(task, optimizer), _differs(record["task"], recorded))
     if state is None:
         raise UserError(f"{workdir} holds no checkpoint")
     step = int(state["step"])
