@@ -169,7 +169,9 @@ class SolveConfig:
     Fields and defaults are :func:`solve`'s; see there for their meaning.
 
     Raises:
-      ValueError, TypeError: as :func:`check_options`, naming the field.
+      ValueError, TypeError: as :func:`check_options`, naming the field; ``ValueError`` also for
+        a fixed ``dt`` larger than ``|t1 - t0|`` (the solve would take one step of the interval,
+        and a config would record a step that never ran).
     """
 
     solver: str = "tsit5"
@@ -186,6 +188,11 @@ class SolveConfig:
 
     def __post_init__(self):
         check_options(**self.kwargs())
+        span = abs(float(self.t1) - float(self.t0))
+        if self.dt is not None and self.dt > span:
+            raise ValueError(
+                f"dt={self.dt} is larger than the interval [t0, t1] = [{self.t0}, {self.t1}]: the solve "
+                f"would take one step of {span:g}, not of dt; use a dt <= {span:g}")
 
     def kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :func:`solve`."""

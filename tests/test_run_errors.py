@@ -61,3 +61,19 @@ def test_a_failed_step_on_two_devices_is_one_error_line(tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err[-3000:]
     assert re.search(r"^error: training step \d+ failed: .*learning rate lr=100000\.0", err), err
+
+
+def test_a_step_larger_than_the_interval_is_refused_in_configs():
+    """``--set dt=2`` on [0, 1] ran one step of 1 while config.json recorded dt 2.0."""
+    from ncode_jax import SolveConfig
+    from train import autoencode, classify
+    from train.config import UserError, build
+
+    for cls, layer in [(toy.ToyConfig, {"solver": "rk4", "dt": "2"}), (classify.ClassifyConfig, {"dt": 1.5}),
+                       (autoencode.AutoencodeConfig, {"dt": 10.5})]:  # autoencode: t1 = 10
+        with pytest.raises(UserError, match=r"config: dt=\S+ is larger than the interval \[t0, t1\]"):
+            build(cls, layer)
+    with pytest.raises(ValueError, match=r"dt=0.75 is larger than the interval \[t0, t1\] = \[1.0, 0.5\]"):
+        SolveConfig(solver="rk4", dt=0.75, t0=1.0, t1=0.5)
+    assert SolveConfig(solver="rk4", dt=0.5, t0=1.0, t1=0.5).dt == 0.5  # the whole interval: one step
+    assert build(toy.ToyConfig, {"solver": "rk4", "dt": "2", "t1": "3"}).solve.dt == 2.0  # checked together
