@@ -514,13 +514,16 @@ def _ad_modes(tree) -> tuple[bool, int]:
     return forward, reverse
 
 
-def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> None:
+def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> bool:
+    """Refuse derivatives ``adjoint`` cannot give (forward mode; time derivatives with
+    backsolve); returns whether the solve is under two or more reverse-mode levels (its inputs are
+    then passed through :func:`_first_order_only`)."""
     forward, reverse = _ad_modes((inputs, times))
     if forward and check_grads:
         raise TypeError("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
                         "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
     if adjoint == "direct":
-        return
+        return False
     if forward:
         raise TypeError(
             f"ncode_jax.solve: adjoint={adjoint!r} supports reverse-mode derivatives only "
@@ -532,11 +535,56 @@ def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> None:
             "ncode_jax.solve: adjoint='backsolve' gives no derivatives with respect to t0, t1 or ts; "
             "use adjoint='checkpoint' or 'direct' to differentiate the times"
         )
-    if reverse >= 2:
+    if reverse >= 2 and adjoint == "backsolve":  # diffrax's backsolve loop takes no outer tangents
         raise TypeError(
-            f"ncode_jax.solve: adjoint={adjoint!r} gives first derivatives only; second-order "
-            "reverse mode (jax.grad of jax.grad) needs adjoint='direct'"
+            "ncode_jax.solve: adjoint='backsolve' works under one reverse-mode level only: jax.grad "
+            "of a function that itself calls jax.grad needs adjoint='direct' (or adjoint='checkpoint' "
+            "when the inner gradient is under stop_gradient: first-order meta-learning)"
         )
+    return reverse >= 2
+
+
+def _second_order_message(adjoint: str) -> str:
+    return (f"ncode_jax.solve: adjoint={adjoint!r} gives first derivatives only; second-order "
+            "reverse mode (jax.grad of jax.grad) needs adjoint='direct'")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _first_order_only(tree, adjoint: str):
+    """Identity on a solve's inputs under two reverse-mode levels. Its backward pass (the inner
+    gradient) passes the cotangents through :func:`_not_differentiated`, so a second reverse pass
+    that differentiates the inner gradient (``grad`` of ``grad``: the adjoint's backward loop
+    cannot be transposed) raises a clear ``TypeError`` before it reaches that loop, while one that
+    does not (first-order meta-learning: ``stop_gradient`` of the inner gradient) never calls it."""
+    return tree
+
+
+def _first_order_only_fwd(tree, adjoint):
+    return tree, None
+
+
+def _first_order_only_bwd(adjoint, _, ct):
+    return (_not_differentiated(ct, adjoint),)
+
+
+_first_order_only.defvjp(_first_order_only_fwd, _first_order_only_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _not_differentiated(tree, adjoint: str):
+    """Identity whose backward pass raises: a gradient that must not be differentiated again."""
+    return tree
+
+
+def _not_differentiated_fwd(tree, adjoint):
+    return tree, None
+
+
+def _not_differentiated_bwd(adjoint, _, ct):
+    raise TypeError(_second_order_message(adjoint))
+
+
+_not_differentiated.defvjp(_not_differentiated_fwd, _not_differentiated_bwd)
 
 
 def _as_array(a, who: str):
@@ -767,7 +815,8 @@ def solve(
             "model.init(...)['feedback'])"
         )
     _check_dtypes(x0, theta0, params.get("feedback"))
-    _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts))
+    if _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts)):
+        x0, theta0, params = _first_order_only((x0, theta0, params), adjoint)
     _static_times_checks(t0, t1, ts)
     if adjoint == "backsolve" and dt is not None and info.order < 4:
         warnings.warn(
@@ -882,6 +931,10 @@ def solve(
     s1 = jnp.asarray(span_, tdtype) if static_times else t1 - t0
     s_ts = None if ts is None else (ts if shift is None else
                                     jnp.clip(ts - t0, jnp.minimum(s1, 0), jnp.maximum(s1, 0)))
+    if adjoint == "backsolve":
+        # backsolve differentiates no time (refused above), and takes them as non-differentiable
+        # arguments: the zero tangents the checks give them under jax.checkpoint/nn.remat must go
+        s1, s_ts = jax.lax.stop_gradient((s1, s_ts))
     saveat = diffrax.SaveAt(t1=True if ts is None else False, ts=s_ts, controller_state=True)
     term = diffrax.ODETerm(_Field(dynamics, None if shift is None else t0,
                                   None if tdtype == dtype else dtype))
