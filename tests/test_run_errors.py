@@ -77,3 +77,31 @@ def test_a_step_larger_than_the_interval_is_refused_in_configs():
         SolveConfig(solver="rk4", dt=0.75, t0=1.0, t1=0.5)
     assert SolveConfig(solver="rk4", dt=0.5, t0=1.0, t1=0.5).dt == 0.5  # the whole interval: one step
     assert build(toy.ToyConfig, {"solver": "rk4", "dt": "2", "t1": "3"}).solve.dt == 2.0  # checked together
+
+
+def test_a_failed_first_save_leaves_no_record(tmp_path, monkeypatch, capsys):
+    """A first checkpoint save that failed left config.json behind, so the corrected command was
+    refused as another experiment."""
+    from train.checkpoint import Checkpointer, CheckpointError
+    from train.config import build
+
+    def full(self, step, state, identity=None):
+        raise CheckpointError(f"cannot write the checkpoint of step {step} to {self.directory}: disk full")
+
+    monkeypatch.setattr(Checkpointer, "save", full)
+    assert toy.main(["--workdir", str(tmp_path), *FLAGS, *RK4, "--steps", "2"]) == 2
+    assert _one_error_line(capsys).startswith("error: cannot write the checkpoint of step 1")
+    run = tmp_path / "reflection_open"
+    assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()
+    corrected = toy.Task(build(toy.ToyConfig, {"n_train": 16, "n_test": 16, "lr": 0.5}))
+    engine.check_recorded_config(run, corrected)  # not refused
+
+
+def test_evaluation_of_an_unwritable_workdir_is_one_error_line(tmp_path, capsys):
+    from train import autoencode_eval
+
+    (tmp_path / "ae").mkdir()
+    (tmp_path / "ae" / "config.json").write_text("{}")
+    (tmp_path / "eval").write_text("")  # where the evaluation's directory must go
+    assert autoencode_eval.main(["--workdir", str(tmp_path), "--components", "2"]) == 2
+    assert _one_error_line(capsys).startswith(f"error: cannot write the evaluation to {tmp_path / 'eval'}")

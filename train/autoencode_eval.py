@@ -25,6 +25,7 @@ Outputs in ``<workdir>/eval/``: ``eval.json``, ``results.md``, ``orbit.png`` (Au
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -152,6 +153,14 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
     unless ``cfg.allow_unfinished``, and then labelled UNFINISHED in every output."""
     dirs = model_dirs(workdir, cfg.models)
+    out = workdir / "eval"
+    try:  # before hours of evaluation: a workdir it cannot write to is one error line
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the evaluation to {out}: {e.strerror or e}") from None
     record = json.loads((dirs[0] / "config.json").read_text())
     if record.get("task") != "autoencode":
         raise UserError(f"{dirs[0]}/config.json was not written by this version of train.autoencode")
@@ -169,8 +178,6 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     if unfinished and not cfg.allow_unfinished:
         raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
                         "to finish them, or pass --allow-unfinished to evaluate them labelled as such")
-    out = workdir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     features = Features(workdir, cfg0.dataset, cfg0.data_dir, cfg.inception_weights)
     real_feats = features(test.images) if features.name is not None else None
     results, arrays = [], {}
@@ -250,6 +257,8 @@ def main(argv=None) -> int:
         results = run(Path(args.workdir), cfg)
     except (ValueError, FileNotFoundError) as e:
         return error(e, 2)
+    except OSError as e:  # e.g. the disk filled up while writing figures
+        return error(f"cannot write the evaluation to {Path(args.workdir) / 'eval'}: {e.strerror or e}", 2)
     print(results_table(results, cfg.components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")

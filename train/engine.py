@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ncode_jax.data.images import BatchIterator, load_dataset
 
 from . import parallel
-from .checkpoint import Checkpointer, WorkdirLock, host_array
+from .checkpoint import Checkpointer, CheckpointError, WorkdirLock, host_array
 from .config import UserError, build, leaves, load_config_file, parse_overrides, to_dict
 
 #: run-record name -> module defining ``Task`` (for :func:`load_run`)
@@ -285,11 +285,24 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
 
     def save() -> None:  # config.json first: a run that fails before its first save records nothing
         nonlocal pending
+        record = workdir / "config.json"
+        first = not record.exists() and not ckpt.steps()
+        had_metrics = metrics_path.exists()
         if dp.is_main:
-            _write_json(workdir / "config.json", {"task": task.name, "config": to_dict(cfg)})
+            _write_json(record, {"task": task.name, "config": to_dict(cfg)})
             append_rows(metrics_path, pending)
         pending = []
         st = it.state()
+        try:
+            _save_checkpoint(st)
+        except CheckpointError:
+            if first and dp.is_main:  # nothing to resume: leave the workdir as the command found it
+                record.unlink(missing_ok=True)
+                if not had_metrics:
+                    metrics_path.unlink(missing_ok=True)
+            raise
+
+    def _save_checkpoint(st) -> None:
         ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
                          "data": {"epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"])},
                          "rng": state["rng"], "wall_time": np.asarray(wall())}, identity)
