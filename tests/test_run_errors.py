@@ -105,3 +105,27 @@ def test_evaluation_of_an_unwritable_workdir_is_one_error_line(tmp_path, capsys)
     (tmp_path / "eval").write_text("")  # where the evaluation's directory must go
     assert autoencode_eval.main(["--workdir", str(tmp_path), "--components", "2"]) == 2
     assert _one_error_line(capsys).startswith(f"error: cannot write the evaluation to {tmp_path / 'eval'}")
+
+
+def test_an_unreachable_coordinator_is_one_line_within_its_timeout(tmp_path, capsys):
+    """It printed nothing for 5 minutes, then XLA aborted the process (rc 134) blaming "another task"."""
+    import socket
+    import time
+
+    from train import parallel
+
+    t0 = time.perf_counter()
+    assert toy.main(["--workdir", str(tmp_path), *FLAGS, "--coordinator-address", "127.0.0.1:1",
+                     "--num-processes", "2", "--process-id", "1", "--coordinator-timeout", "1"]) == 2
+    assert _one_error_line(capsys).startswith(
+        "error: cannot reach the coordinator at 127.0.0.1:1 (process 0) within 1 s")
+    assert time.perf_counter() - t0 < 30
+    with socket.socket() as taken:  # process 0 cannot listen where another program does
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        want = f"process 0 cannot serve as the coordinator at localhost:{port}"
+        with pytest.raises(ValueError, match=want):
+            parallel.initialize_distributed(f"localhost:{port}", 2, 0, environ={}, timeout=1)
+    with pytest.raises(ValueError, match="must look like HOST:PORT"):
+        parallel.initialize_distributed("localhost", 2, 1, environ={}, timeout=1)
