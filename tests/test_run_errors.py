@@ -129,3 +129,46 @@ def test_an_unreachable_coordinator_is_one_line_within_its_timeout(tmp_path, cap
             parallel.initialize_distributed(f"localhost:{port}", 2, 0, environ={}, timeout=1)
     with pytest.raises(ValueError, match="must look like HOST:PORT"):
         parallel.initialize_distributed("localhost", 2, 1, environ={}, timeout=1)
+
+
+def test_configuration_values_at_the_edges_of_their_types(capsys):
+    from train.config import UserError, build
+
+    for layer, message in [({"seed": 2**32}, "seed=4294967296 is out of range: must be below 2**32"),
+                           ({"steps": 2**63}, "steps=9223372036854775808 is out of range"),
+                           ({"lr": 1e308}, "lr=1e+308 is out of range: float32, in which training runs, "
+                                           "makes it inf"),
+                           ({"lr": 1e-50}, "makes it 0"), ({"t1": 1e39}, "solve.t1=1e+39 is out of range")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            build(toy.ToyConfig, layer)
+    assert build(toy.ToyConfig, {"seed": 2**32 - 1, "lr": 3e38}).seed == 2**32 - 1
+    assert toy.main(["--workdir", "unused", "--model", "open,closed,open", "--no-progress"]) == 2
+    assert _one_error_line(capsys) == ("error: --set model=open,closed,open: names 'open' more than once "
+                                       "(each value is one run, in its own directory)")
+
+
+def test_edited_manifests_and_partial_saves(tmp_path, capsys):
+    """A checkpoint whose manifest was edited is damaged (the older one is used, with a message);
+    the directory a killed save leaves behind is removed by the next save."""
+    import json
+
+    from train.checkpoint import Checkpointer
+
+    tree = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "step": np.asarray(0)}
+    edits = {"identity": lambda m: {**m, "identity": {"task": "toy", "config": {"lr": 0.5}}},
+             "step": lambda m: {**m, "step": 7}, "shape": lambda m: {**m, "leaves": [
+                 [n, [3, 2] if n == "['w']" else s, d] for n, s, d in m["leaves"]]},
+             "not an object": lambda m: [m]}
+    for what, edit in edits.items():
+        ckpt = Checkpointer(tmp_path / what)
+        ckpt.save(1, tree, {"task": "toy", "config": {}})
+        ckpt.save(2, {**tree, "step": np.asarray(2)}, {"task": "toy", "config": {}})
+        path = tmp_path / what / "step_00000002" / "manifest.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+        assert int(ckpt.restore(tree)["step"]) == 0, what  # step 1's state
+        assert "from step 1 instead of damaged step(s) [2]" in capsys.readouterr().err, what
+    stale = tmp_path / "step" / ".tmp_step_00000003_1"
+    stale.mkdir()
+    (stale / "arrays.npz").write_bytes(b"partial")
+    Checkpointer(tmp_path / "step").save(3, tree)
+    assert not stale.exists()

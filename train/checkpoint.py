@@ -53,6 +53,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _manifest_check(manifest: dict) -> str:
+    """SHA-256 of the manifest's own content (all but ``check``): an edited manifest is detected."""
+    body = {k: v for k, v in manifest.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -87,6 +93,9 @@ class Checkpointer:
         final = self.directory / f"step_{int(step):08d}"
         tmp = self.directory / f".tmp_step_{int(step):08d}_{os.getpid()}"
         try:
+            for stale in self.directory.glob(".tmp_step_*"):  # left by a save that was killed
+                if stale.name != tmp.name:
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
             with open(tmp / "arrays.npz", "wb") as f:
                 np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays.values())})
@@ -95,6 +104,7 @@ class Checkpointer:
             manifest = {"step": int(step), "sha256": _sha256(tmp / "arrays.npz"), "time": time.time(),
                         "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()],
                         **({} if identity is None else {"identity": identity})}
+            manifest["check"] = _manifest_check(manifest)
             (tmp / "manifest.json").write_text(json.dumps(manifest))
             _fsync(tmp / "manifest.json")
             if final.exists():
@@ -111,10 +121,21 @@ class Checkpointer:
     def _read(self, step: int) -> tuple[dict, list[np.ndarray]]:
         d = self.directory / f"step_{step:08d}"
         manifest = json.loads((d / "manifest.json").read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("its manifest.json is not a JSON object")
+        if "check" in manifest and manifest["check"] != _manifest_check(manifest):
+            raise ValueError("its manifest.json was edited or damaged (its check does not match)")
+        if manifest["step"] != step:
+            raise ValueError(f"its manifest.json names step {manifest['step']}")
         if _sha256(d / "arrays.npz") != manifest["sha256"]:
             raise ValueError("its arrays.npz does not match the SHA-256 in manifest.json")
         with np.load(d / "arrays.npz", allow_pickle=False) as data:
             arrays = [data[f"a{i}"] for i in range(len(manifest["leaves"]))]
+            if len(data.files) != len(arrays):
+                raise ValueError("its arrays.npz holds other arrays than manifest.json lists")
+        for (name, shape, dtype), a in zip(manifest["leaves"], arrays, strict=True):
+            if [list(a.shape), a.dtype.str] != [list(shape), dtype]:
+                raise ValueError(f"manifest.json does not describe arrays.npz ({name})")
         return manifest, arrays
 
     def identity(self) -> dict | None:
@@ -123,7 +144,7 @@ class Checkpointer:
         for step in self.steps():
             try:
                 return self._read(step)[0].get("identity")
-            except (OSError, ValueError, KeyError, EOFError):
+            except (OSError, ValueError, KeyError, EOFError, TypeError):
                 continue
         return None
 
@@ -136,7 +157,7 @@ class Checkpointer:
         for step in self.steps():
             try:
                 manifest, arrays = self._read(step)
-            except (OSError, ValueError, KeyError, EOFError) as e:
+            except (OSError, ValueError, KeyError, EOFError, TypeError) as e:
                 damaged.append(step)
                 print(f"warning: checkpoint {self.directory}/step_{step:08d} is damaged ({e}); "
                       "trying the previous one", file=sys.stderr, flush=True)

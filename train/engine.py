@@ -532,6 +532,9 @@ def expand(raw: dict, sweep: dict[str, tuple]) -> list[dict]:
         if not isinstance(value, str) or ("," not in value and value != "all"):
             continue
         values = list(choices) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+        if twice := sorted({v for v in values if values.count(v) > 1}):
+            raise UserError(f"--set {key}={value}: names {', '.join(map(repr, twice))} more than once (each "
+                            "value is one run, in its own directory)")
         out = [{**r, key: v} for r in out for v in values]
     return out
 
@@ -541,6 +544,10 @@ def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir
     """Train every config (``workdir / subdir(task)`` each, under a lock on ``workdir``), then write
     ``summary.json`` and ``results.md`` (``table(summaries)``) and call ``report``."""
     tasks = [make_task(task_class, c) for c in configs]
+    dirs = [subdir(t) for t in tasks]
+    if twice := sorted({d for d in dirs if dirs.count(d) > 1}):
+        raise UserError(f"several configurations would train in the same directory {twice[0]!r} of "
+                        f"{workdir}: give each run its own configuration")
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
         summaries = [train_and_evaluate(t, Path(workdir) / subdir(t), progress=progress) for t in tasks]
@@ -580,6 +587,12 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
         return error(e, 2)
     except KeyboardInterrupt:
         return error("interrupted: the same command resumes from the last saved checkpoint", 130)
+    except Exception as e:  # noqa: BLE001 - out of memory is the user's sizes; anything else, a bug
+        if not (isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return error(f"out of memory ({first}): lower the sizes in the configuration (batch, widths, "
+                     "examples)", 2)
     return 0
 
 
