@@ -85,7 +85,7 @@ def test_a_failed_first_save_leaves_no_record(tmp_path, monkeypatch, capsys):
     from train.checkpoint import Checkpointer, CheckpointError
     from train.config import build
 
-    def full(self, step, state, identity=None):
+    def full(self, step, state):
         raise CheckpointError(f"cannot write the checkpoint of step {step} to {self.directory}: disk full")
 
     monkeypatch.setattr(Checkpointer, "save", full)
@@ -160,9 +160,9 @@ def test_edited_manifests_and_partial_saves(tmp_path, capsys):
                  [n, [3, 2] if n == "['w']" else s, d] for n, s, d in m["leaves"]]},
              "not an object": lambda m: [m]}
     for what, edit in edits.items():
-        ckpt = Checkpointer(tmp_path / what)
-        ckpt.save(1, tree, {"task": "toy", "config": {}})
-        ckpt.save(2, {**tree, "step": np.asarray(2)}, {"task": "toy", "config": {}})
+        ckpt = Checkpointer(tmp_path / what, identity={"task": "toy", "config": {}})
+        ckpt.save(1, tree)
+        ckpt.save(2, {**tree, "step": np.asarray(2)})
         path = tmp_path / what / "step_00000002" / "manifest.json"
         path.write_text(json.dumps(edit(json.loads(path.read_text()))))
         assert int(ckpt.restore(tree)["step"]) == 0, what  # step 1's state

@@ -70,10 +70,12 @@ def _fsync(path: Path) -> None:
 class Checkpointer:
     """The last ``max_to_keep`` checkpoints of one run under ``directory``."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, *, write: bool = True):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, *, write: bool = True,
+                 identity: dict | None = None):
         self.directory = Path(directory)
         self.max_to_keep = max_to_keep
         self.write = write
+        self.identity = identity  # recorded with every checkpoint saved
 
     def steps(self) -> list[int]:
         """Steps of the checkpoints on disk, newest first (intact or not)."""
@@ -82,10 +84,11 @@ class Checkpointer:
         return sorted((int(p.name[5:]) for p in self.directory.glob("step_*") if p.name[5:].isdigit()),
                       reverse=True)
 
-    def save(self, step: int, state: Any, identity: dict | None = None) -> None:
-        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``, with ``identity`` (a
-        JSON-able dict: what wrote it) in its manifest; returns once it is committed. Raises
-        :class:`CheckpointError` naming the directory if it cannot be written."""
+    def save(self, step: int, state: Any) -> None:
+        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``, with the
+        checkpointer's ``identity`` (a JSON-able dict: what wrote it) in its manifest; returns once
+        it is committed. Raises :class:`CheckpointError` naming the directory if it cannot be written."""
+        identity = self.identity
         if not self.write:
             return
         names, values, _ = _flat(state)
@@ -138,7 +141,7 @@ class Checkpointer:
                 raise ValueError(f"manifest.json does not describe arrays.npz ({name})")
         return manifest, arrays
 
-    def identity(self) -> dict | None:
+    def recorded_identity(self) -> dict | None:
         """The identity recorded with the newest intact checkpoint (None: no checkpoint, or one
         written without it)."""
         for step in self.steps():
@@ -162,10 +165,6 @@ class Checkpointer:
                 print(f"warning: checkpoint {self.directory}/step_{step:08d} is damaged ({e}); "
                       "trying the previous one", file=sys.stderr, flush=True)
                 continue
-            if same is not None and "identity" in manifest and (diff := same(manifest["identity"])):
-                raise CheckpointError(
-                    f"the checkpoint {self.directory}/step_{step:08d} was written by another experiment "
-                    f"({diff}); use another workdir, or delete that directory to start over")
             want = [[n, list(np.shape(v)), np.asarray(v).dtype.str] for n, v in zip(names, values)]
             if manifest["leaves"] != want:
                 got = manifest["leaves"] + [None] * len(want)
@@ -174,6 +173,10 @@ class Checkpointer:
                     f"the checkpoint {self.directory}/step_{step:08d} does not fit this model "
                     f"(saved [path, shape, dtype] vs the model's: {diff}); this workdir holds "
                     "another experiment: use another workdir")
+            if same is not None and "identity" in manifest and (diff := same(manifest["identity"])):
+                raise CheckpointError(
+                    f"the checkpoint {self.directory}/step_{step:08d} was written by another experiment "
+                    f"({diff}); use another workdir, or delete that directory to start over")
             if damaged:
                 print(f"warning: resuming {self.directory} from step {step} instead of damaged "
                       f"step(s) {damaged}", file=sys.stderr, flush=True)

@@ -266,7 +266,7 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     check_recorded_config(workdir, task)
     total = task.total_steps
     optimizer = task.optimizer(total)
-    ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main)
+    ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main, identity=_identity(task))
     state = ckpt.restore(template := _template(task, optimizer), _differs(task.name, task.config)) or template
     step, prior_wall = int(state["step"]), float(state["wall_time"])
     it = task.batches()
@@ -280,8 +280,6 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
 
     def wall() -> float:
         return round(prior_wall + time.perf_counter() - t_start, 2)
-
-    identity = _identity(task)
 
     def save() -> None:  # config.json first: a run that fails before its first save records nothing
         nonlocal pending
@@ -305,7 +303,7 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     def _save_checkpoint(st) -> None:
         ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
                          "data": {"epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"])},
-                         "rng": state["rng"], "wall_time": np.asarray(wall())}, identity)
+                         "rng": state["rng"], "wall_time": np.asarray(wall())})
 
     bar = tqdm(total=total, initial=min(step, total), disable=not (progress and dp.is_main),
                desc=" ".join(map(str, task.row().values())), file=sys.stderr, dynamic_ncols=True)
@@ -469,7 +467,7 @@ def load_run(workdir: str | os.PathLike, **overrides) -> Run:
     path = workdir / "config.json"
     ckpt = Checkpointer(workdir / "checkpoints", write=False)
     try:
-        record = json.loads(path.read_text()) if path.is_file() else ckpt.identity()
+        record = json.loads(path.read_text()) if path.is_file() else ckpt.recorded_identity()
     except ValueError:
         record = {}
     if record is None:
