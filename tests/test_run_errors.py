@@ -79,6 +79,7 @@ def test_a_step_larger_than_the_interval_is_refused_in_configs():
     assert build(toy.ToyConfig, {"solver": "rk4", "dt": "2", "t1": "3"}).solve.dt == 2.0  # checked together
 
 
+@pytest.mark.slow  # a training step's compilation (~4 s)
 def test_a_failed_first_save_leaves_no_record(tmp_path, monkeypatch, capsys):
     """A first checkpoint save that failed left config.json behind, so the corrected command was
     refused as another experiment."""

@@ -19,8 +19,8 @@ RK4_EXP = 9.3514e-4  # rk4, dt = 0.1, dx/dt = -7x from x = 1 over a unit interva
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, pytest.param(jnp.float32, marks=SLOW),
-                                   pytest.param(jnp.float64, marks=SLOW)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, *(pytest.param(d, marks=SLOW)
+                                                    for d in (jnp.float16, jnp.float32, jnp.float64))])
 def test_low_precision_states_take_every_fixed_step(dtype):
     sol = solve(LIN1, jnp.ones((1, 1), dtype), jnp.array([-7.0], dtype), solver="rk4", dt=0.1)
     assert int(sol.stats["num_steps"]) == 10
@@ -28,7 +28,8 @@ def test_low_precision_states_take_every_fixed_step(dtype):
     assert float(sol.x[0, 0]) == pytest.approx(RK4_EXP, rel=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=SLOW)])
+@SLOW
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_adaptive_and_saved_times(dtype):
     ts = jnp.linspace(0.0, 1.0, 5)  # float64: the save times are not rounded to the state's dtype
     sol = solve(LIN1, jnp.ones((1, 1), dtype), jnp.array([-7.0], dtype), ts=ts, rtol=1e-2, atol=1e-3)
@@ -43,8 +44,8 @@ def traced_rk4():
                                         t0=t0, t1=t1, solver="rk4", dt=0.01))
 
 
-@pytest.mark.parametrize("t0, t1", [(1e4, 1e4 + 1), (1e4 + 1, 1e4), pytest.param(-3e5, -3e5 + 1, marks=SLOW),
-                                    pytest.param(0.0, 1.0, marks=SLOW)])
+@pytest.mark.parametrize("t0, t1", [(1e4, 1e4 + 1), *(pytest.param(*t, marks=SLOW) for t in
+                                                       ((1e4 + 1, 1e4), (-3e5, -3e5 + 1), (0.0, 1.0)))])
 def test_float32_grid_far_from_zero_keeps_every_step(t0, t1, traced_rk4):
     want = np.exp(-7.0) if t1 > t0 else np.exp(7.0)
     for sol in (solve(LIN1, jnp.ones((1, 1), jnp.float32), jnp.array([-7.0], jnp.float32), t0=t0, t1=t1,
