@@ -42,7 +42,7 @@ from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS
 
 from . import autoencode, figures
 from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides, to_dict
-from .engine import error, load_run, parse_args
+from .engine import LIBRARY_MESSAGE, error, load_run, parse_args, quiet_callback_logs
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -252,6 +252,7 @@ class EvalConfig(Config):
 
 def main(argv=None) -> int:
     args = parse_args(argv, doc=__doc__, config_class=EvalConfig, default_config="", training=False)
+    quiet_callback_logs()
     try:
         cfg = build(EvalConfig, parse_overrides(args.overrides))
         results = run(Path(args.workdir), cfg)
@@ -259,6 +260,11 @@ def main(argv=None) -> int:
         return error(e, 2)
     except OSError as e:  # e.g. the disk filled up while writing figures
         return error(f"cannot write the evaluation to {Path(args.workdir) / 'eval'}: {e.strerror or e}", 2)
+    except Exception as e:  # noqa: BLE001 - a solve's check inside a compiled evaluation: one line
+        found = LIBRARY_MESSAGE.search(str(e))
+        if found is None:
+            raise
+        return error(f"the evaluation failed: {found.group(1)}", 2)
     print(results_table(results, cfg.components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")

@@ -368,7 +368,7 @@ def _max_abs(tree) -> float:
 
 
 #: a run-time error of the library (a solve's check) inside a jitted step, as JAX reports it
-_LIBRARY_MESSAGE = re.compile(r"(ncode_jax\.\w+: [^\n]*)")
+LIBRARY_MESSAGE = re.compile(r"(ncode_jax\.\w+: [^\n]*)")
 
 
 class TrainingFailed(UserError):
@@ -395,7 +395,7 @@ class StepFailure:
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - JAX re-raises run-time failures as several types
-            found = _LIBRARY_MESSAGE.search(str(e))
+            found = LIBRARY_MESSAGE.search(str(e))
             if found is None and "RESOURCE_EXHAUSTED" not in str(e):
                 raise  # not a failure of the computation's checks: a bug, with its traceback
             what = found.group(1) if found else ("out of memory: " + str(e).splitlines()[0] +
@@ -569,9 +569,7 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
     """The command line of a training script: parse, validate, :func:`run_configs` every config
     (``sweep`` keys given as ``all`` or a comma list expand), print the table."""
     args = parse_args(argv, doc=doc, config_class=task_class.config_class, **defaults)
-    # a check that fails inside a jitted step is reported once, as this command's error line: not
-    # also as the traceback JAX logs for every failed host callback
-    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
+    quiet_callback_logs()
     try:
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
@@ -592,6 +590,12 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
         return error(f"out of memory ({first}): lower the sizes in the configuration (batch, widths, "
                      "examples)", 2)
     return 0
+
+
+def quiet_callback_logs() -> None:
+    """A check that fails inside a jitted step is reported once, as the command's error line: not
+    also as the traceback JAX logs for every failed host callback."""
+    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
 
 
 def error(e: BaseException, code: int) -> int:
