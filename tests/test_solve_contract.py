@@ -279,6 +279,7 @@ def test_first_order_meta_learning_is_computed():
             "backsolve", exc=TypeError)  # diffrax's backsolve cannot compute it
 
 
+@pytest.mark.slow  # ~4 s of compilation; the default run's budget is spent
 def test_backsolve_under_rematerialisation():
     """``jax.checkpoint`` around a backsolve solve with save times or traced times ended in
     diffrax's "Unexpected tangent": the run-time checks gave the times zero tangents. rk4 of
