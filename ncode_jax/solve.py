@@ -771,7 +771,10 @@ def solve(
 
         Forward-mode derivatives and second-order reverse mode need ``direct``: with
         ``checkpoint`` or ``backsolve`` they raise a ``TypeError`` that names the adjoint and
-        the alternative.
+        the alternative (``checkpoint`` raises it when the outer gradient reaches the inner
+        one, so first-order meta-learning, an inner gradient under ``stop_gradient``, is
+        computed; ``backsolve`` works under one reverse-mode level only). Under
+        ``jax.checkpoint``/``nn.remat`` every adjoint works.
       batch: ``system`` solves the batch as one ODE (shared step sizes); ``vmap`` gives every
         sample its own adaptive steps (slower on CPU: lock-step while loops).
       throw: raise on failure (default). With ``False``, failures are reported only in
@@ -816,7 +819,11 @@ def solve(
         )
     _check_dtypes(x0, theta0, params.get("feedback"))
     if _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts)):
-        x0, theta0, params = _first_order_only((x0, theta0, params), adjoint)
+        leaves, treedef = jax.tree.flatten((x0, theta0, params))
+        floats = [i for i, a in enumerate(leaves) if _inexact(a)]  # integer leaves have no gradient
+        for i, a in zip(floats, _first_order_only([leaves[i] for i in floats], adjoint)):
+            leaves[i] = a
+        x0, theta0, params = jax.tree.unflatten(treedef, leaves)
     _static_times_checks(t0, t1, ts)
     if adjoint == "backsolve" and dt is not None and info.order < 4:
         warnings.warn(
