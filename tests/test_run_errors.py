@@ -77,6 +77,10 @@ def test_a_step_larger_than_the_interval_is_refused_in_configs():
         SolveConfig(solver="rk4", dt=0.75, t0=1.0, t1=0.5)
     assert SolveConfig(solver="rk4", dt=0.5, t0=1.0, t1=0.5).dt == 0.5  # the whole interval: one step
     assert build(toy.ToyConfig, {"solver": "rk4", "dt": "2", "t1": "3"}).solve.dt == 2.0  # checked together
+    # the same kind: more training examples than the split has trained on fewer than recorded
+    with pytest.raises(UserError, match=r"train_examples=5000 is more than the 1438 examples of 'digits'"):
+        engine.make_task(classify.Task, build(classify.ClassifyConfig, {"dataset": "digits",
+                                                                         "train_examples": 5000}))
 
 
 @pytest.mark.slow  # a training step's compilation (~4 s)

@@ -71,6 +71,10 @@ class Task:
         if train_examples is not None:
             if train_examples < self.config.batch_size:
                 raise ValueError(f"train_examples={train_examples} is smaller than batch_size")
+            available = self.train.images.shape[0]
+            if train_examples > available:  # it would train on fewer than the config records
+                raise ValueError(f"train_examples={train_examples} is more than the {available} examples of "
+                                 f"{dataset!r} split {splits[0]!r}: use at most {available}, or none for all")
             self.train = self.train._replace(images=self.train.images[:train_examples],
                                              labels=self.train.labels[:train_examples])
 
