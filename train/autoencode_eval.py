@@ -42,7 +42,7 @@ from ncode_jax.models.autoencoder import MODEL_KINDS, MODEL_LABELS
 
 from . import autoencode, figures
 from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides, to_dict
-from .engine import LIBRARY_MESSAGE, error, load_run, parse_args, quiet_callback_logs
+from .engine import error, library_message, load_run, parse_args, quiet_callback_logs
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -261,10 +261,10 @@ def main(argv=None) -> int:
     except OSError as e:  # e.g. the disk filled up while writing figures
         return error(f"cannot write the evaluation to {Path(args.workdir) / 'eval'}: {e.strerror or e}", 2)
     except Exception as e:  # noqa: BLE001 - a solve's check inside a compiled evaluation: one line
-        found = LIBRARY_MESSAGE.search(str(e))
+        found = library_message(e)
         if found is None:
             raise
-        return error(f"the evaluation failed: {found.group(1)}", 2)
+        return error(f"the evaluation failed: {found}", 2)
     print(results_table(results, cfg.components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")

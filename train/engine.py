@@ -371,8 +371,20 @@ def _max_abs(tree) -> float:
     return out
 
 
-#: a run-time error of the library (a solve's check) inside a jitted step, as JAX reports it
-LIBRARY_MESSAGE = re.compile(r"(ncode_jax\.\w+: [^\n]*)")
+#: a run-time check that failed inside a jitted step, as JAX reports it: the library's own
+#: (``ncode_jax.solve: …``) or, failing that, one of diffrax/equinox (e.g. the backsolve
+#: adjoint's backward solve running out of ``max_steps``)
+_LIBRARY_MESSAGE = re.compile(r"ncode_jax\.\w+: [^\n]*")
+_EQUINOX_MESSAGE = re.compile(r"EquinoxRuntimeError: ([^\n]*)")
+
+
+def library_message(e: BaseException) -> str | None:
+    """The message of the run-time check that ``e`` reports, or None."""
+    if found := _LIBRARY_MESSAGE.search(str(e)):
+        return found.group(0)
+    if found := _EQUINOX_MESSAGE.search(str(e)):
+        return "diffrax: " + found.group(1).strip()
+    return None
 
 
 class TrainingFailed(UserError):
@@ -399,10 +411,10 @@ class StepFailure:
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - JAX re-raises run-time failures as several types
-            found = LIBRARY_MESSAGE.search(str(e))
+            found = library_message(e)
             if found is None and "RESOURCE_EXHAUSTED" not in str(e):
                 raise  # not a failure of the computation's checks: a bug, with its traceback
-            what = found.group(1) if found else ("out of memory: " + str(e).splitlines()[0] +
+            what = found if found else ("out of memory: " + str(e).splitlines()[0] +
                                                  " (lower batch_size or the number of steps)")
             raise self.error(where, what, params, saved) from None
 
