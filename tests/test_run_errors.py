@@ -177,3 +177,12 @@ def test_edited_manifests_and_partial_saves(tmp_path, capsys):
     (stale / "arrays.npz").write_bytes(b"partial")
     Checkpointer(tmp_path / "step").save(3, tree)
     assert not stale.exists()
+
+
+def test_run_time_messages_found_in_jax_errors():
+    text = "INTERNAL: CpuCallback error\n_EquinoxRuntimeError: {}\n--------\nAn error occurred"
+    assert engine.library_message(RuntimeError(text.format("ncode_jax.solve: x0 contains NaN or inf"))) == (
+        "ncode_jax.solve: x0 contains NaN or inf")
+    diffrax = "The maximum number of solver steps was reached. Try increasing `max_steps`."
+    assert engine.library_message(ValueError(text.format(diffrax))) == "diffrax: " + diffrax
+    assert engine.library_message(RuntimeError("a bug")) is None
