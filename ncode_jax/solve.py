@@ -679,7 +679,7 @@ class _Field(eqx.Module):
     float16 states are solved with float32 times, to which diffrax promotes the state), the state
     and time in the state's ``dtype``; its output is cast back to the solver's."""
 
-    dynamics: Dynamics = eqx.field(static=True)
+    dynamics: Dynamics  # a leaf, as when diffrax.ODETerm held it directly
     t0: Array | None
     dtype: Any = eqx.field(static=True)
 
