@@ -186,3 +186,31 @@ def test_run_time_messages_found_in_jax_errors():
     diffrax = "The maximum number of solver steps was reached. Try increasing `max_steps`."
     assert engine.library_message(ValueError(text.format(diffrax))) == "diffrax: " + diffrax
     assert engine.library_message(RuntimeError("a bug")) is None
+
+
+@pytest.mark.slow  # two jax.distributed processes (~15 s); before, process 1 waited for process 0 forever
+def test_a_save_that_fails_on_process_0_ends_every_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "reflection_open").mkdir()
+    (tmp_path / "reflection_open" / "checkpoints").write_text("")  # process 0 cannot save here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+    procs = [subprocess.Popen([sys.executable, "-m", "train.toy", "--workdir", str(tmp_path), *FLAGS, *RK4,
+                               "--steps", "3", "--coordinator-address", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+             for i in range(2)]
+    try:
+        results = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    errors = [err.strip().splitlines()[-1] if err.strip() else "" for _, err in results]
+    assert [p.returncode for p in procs] == [2, 2], results
+    assert errors[0].startswith("error: cannot write the checkpoint of step 1"), errors
+    assert errors[1].startswith("error: process 0 could not save step 1"), errors

@@ -290,19 +290,25 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
         record = workdir / "config.json"
         first = not record.exists() and not ckpt.steps()
         had_metrics = metrics_path.exists()
-        if dp.is_main:
-            _write_json(record, {"task": task.name, "config": to_dict(cfg)})
-            append_rows(metrics_path, pending)
-        pending = []
-        st = it.state()
+        failed = None
         try:
-            _save_checkpoint(st)
-        except CheckpointError:
+            if dp.is_main:
+                _write_json(record, {"task": task.name, "config": to_dict(cfg)})
+                append_rows(metrics_path, pending)
+            pending = []
+            _save_checkpoint(it.state())
+        except (CheckpointError, OSError) as e:
+            failed = e if isinstance(e, CheckpointError) else CheckpointError(
+                f"cannot write the run's record in {workdir}: {e.strerror or e}")
             if first and dp.is_main:  # nothing to resume: leave the workdir as the command found it
                 record.unlink(missing_ok=True)
                 if not had_metrics:
                     metrics_path.unlink(missing_ok=True)
-            raise
+        # process 0 alone writes: every process must learn that it failed, or the others would wait
+        # in the next step's collectives for a process that has gone
+        if _any_process(failed is not None):
+            raise failed or CheckpointError(f"process 0 could not save step {step} in {workdir} "
+                                            "(its own error line says why)")
 
     def _save_checkpoint(st) -> None:
         ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
@@ -356,6 +362,15 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
         _write_json(workdir / "summary.json", summary)
     task.trained = (params, extra)  # for reports drawn right after training (figures)
     return summary
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _max_abs(tree) -> float:
