@@ -46,10 +46,12 @@ class GMMSampler:
     """Gaussian mixture with ``n_components`` fitted to ``codes`` ``(N, d)``.
 
     Raises a ValueError when ``n_components > N`` (a mixture cannot have more components than
-    codes). ``fit_info`` records what the fit had to work with: codes per component, whether EM
-    converged and in how many iterations, and a ``note`` when there are fewer than ``d + 1`` codes
-    per component (each full covariance is then underdetermined and held up only by scikit-learn's
-    ``reg_covar`` ridge).
+    codes). ``fit_info`` records what the fit had to work with: codes per component, distinct
+    codes, components that hold no code (weight below half a code), whether EM converged and in
+    how many iterations, scikit-learn's warnings, and a ``note`` for a collapsed fit (fewer
+    distinct codes than components, or empty components: also a ``UserWarning``) and for fewer than
+    ``d + 1`` codes per component (each full covariance is then underdetermined and held up only by
+    scikit-learn's ``reg_covar`` ridge).
     """
 
     def __init__(self, codes: Float[np.ndarray, "N d"], n_components: int, *, seed: int = 0,
@@ -68,16 +70,28 @@ class GMMSampler:
         self.gmm = GaussianMixture(n_components=int(n_components), covariance_type=covariance_type,
                                    tol=tol, max_iter=max_iter, n_init=1, init_params="kmeans",
                                    reg_covar=reg_covar, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ConvergenceWarning: recorded in fit_info instead
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded in fit_info (and a collapse warned about below)
             self.gmm.fit(codes)
         per = n / n_components
+        distinct = len(np.unique(codes, axis=0))
+        empty = int(np.sum(self.gmm.weights_ * n < 0.5))  # components that hold no code
         self.fit_info = {"n_components": int(n_components), "n_codes": n, "dim": d,
                          "codes_per_component": round(per, 2), "converged": bool(self.gmm.converged_),
-                         "n_iter": int(self.gmm.n_iter_), "covariance_type": covariance_type}
+                         "n_iter": int(self.gmm.n_iter_), "covariance_type": covariance_type,
+                         "distinct_codes": distinct, "empty_components": empty,
+                         "warnings": sorted({str(w.message) for w in caught})}
+        notes = []
+        if distinct < n_components or empty:
+            notes.append(f"collapsed fit: {empty} of {n_components} components hold no code "
+                         f"({distinct} distinct codes among {n}); samples come from the others only "
+                         "(the codes may have collapsed: check the encoder, or use fewer components)")
+            warnings.warn(f"GMMSampler: {notes[-1]}", UserWarning, stacklevel=2)
         if covariance_type == "full" and per < d + 1:
-            self.fit_info["note"] = (f"{per:.1f} codes per component < dim+1={d + 1}: full "
-                                     f"covariances are underdetermined, held up by reg_covar={reg_covar}")
+            notes.append(f"{per:.1f} codes per component < dim+1={d + 1}: full "
+                         f"covariances are underdetermined, held up by reg_covar={reg_covar}")
+        if notes:
+            self.fit_info["note"] = "; ".join(notes)
 
     def sample(self, n: int, seed: int = 0) -> Float[np.ndarray, "n d"]:
         n = _check_n(n)

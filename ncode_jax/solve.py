@@ -24,6 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
 from .dynamics import Dynamics, State
@@ -47,6 +48,7 @@ class Solution(NamedTuple):
     ``x``: ``(B, *S)`` at ``t1``, or ``(len(ts), B, *S)`` when ``ts`` was given.
     ``theta``: like ``x`` with trailing ``P`` in closed loop; the constant θ0 otherwise.
     ``cost``: running cost ``c`` — ``(B,)`` or ``(len(ts), B)`` — or None.
+    ``ts``: the save times, ``(1,)`` (``t1``) or ``(len(ts),)``, in :func:`time_dtype`.
     ``stats``: ``num_steps`` (accepted + rejected), ``num_accepted_steps``,
     ``num_rejected_steps``, ``nfe`` (forward vector-field evaluations), ``result``
     (:data:`RESULT_CODES`: 0 successful, 1 ``max_steps`` reached, 2 other failure).
@@ -168,7 +170,9 @@ class SolveConfig:
     Fields and defaults are :func:`solve`'s; see there for their meaning.
 
     Raises:
-      ValueError, TypeError: as :func:`check_options`, naming the field.
+      ValueError, TypeError: as :func:`check_options`, naming the field; ``ValueError`` also for
+        a fixed ``dt`` larger than ``|t1 - t0|`` (the solve would take one step of the interval,
+        and a config would record a step that never ran).
     """
 
     solver: str = "tsit5"
@@ -185,6 +189,11 @@ class SolveConfig:
 
     def __post_init__(self):
         check_options(**self.kwargs())
+        span = abs(float(self.t1) - float(self.t0))
+        if self.dt is not None and self.dt > span:
+            raise ValueError(
+                f"dt={self.dt} is larger than the interval [t0, t1] = [{self.t0}, {self.t1}]: the solve "
+                f"would take one step of {span:g}, not of dt; use a dt <= {span:g}")
 
     def kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :func:`solve`."""
@@ -218,7 +227,9 @@ def fixed_step_count(t0: float, t1: float, dt: float, dtype) -> int:
     the times): ``n = ceil(|t1 - t0| / nextafter(dt))`` in that dtype — 3 for ``dt = 1/3`` or
     ``0.33333333`` on [0, 1] in float32, 4 for ``dt = 0.3`` — except that ``n = 1`` with
     ``t0 + dt`` rounding to just short of ``t1`` takes 2 steps (the second ends at ``t1``). With
-    millions of steps the 100-ULP clip may end the grid a step or so early: an upper bound then."""
+    millions of steps the 100-ULP clip may end the grid a step or so early: an upper bound then
+    (:func:`solve` refuses such grids). :func:`solve` steps ``s = t - t0``: its count is
+    ``fixed_step_count(0, t1 - t0, dt, time_dtype(x0.dtype))`` (``t1 - t0`` rounded from float64)."""
     dtype = np.dtype(dtype)
     _, s0, s1, h, n = _flipped(t0, t1, dt, dtype)
     return 2 if n == 1 and s0 + h < s1 else n
@@ -347,7 +358,25 @@ def _adjoint(name: str, checkpoints: int | None, backward_controller, throw: boo
 
 
 def _error_token(preds: Array, msgs: tuple[str, ...]) -> Array:
-    """A scalar 0 that raises ``msgs[i]`` for the first true ``preds[i]`` (one conditional)."""
+    """A scalar 0 that raises ``msgs[i]`` for the first true ``preds[i]`` (one conditional).
+
+    Under a mesh of several devices (``jax.set_mesh``) the check runs on every device (in a
+    ``shard_map`` over the mesh, on the predicates every device holds whole): left to XLA, the
+    conditional is pinned to one device, which raises alone while the others wait in the next
+    collective until XLA aborts the process. Inside a ``shard_map`` (a solve of each device's own
+    rows) the predicates are first combined over the manual axes (``pmax``): every device then
+    raises the same message, or none does."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.manual_axes:  # inside a shard_map: every device its own predicates
+        agreed = jax.lax.pmax(preds.astype(jnp.int32), tuple(mesh.manual_axes)) > 0
+        return _local_error_token(agreed, msgs)
+    if not mesh.empty and mesh.size > 1:
+        return jax.shard_map(lambda p: _local_error_token(p, msgs), mesh=mesh, in_specs=P(),
+                             out_specs=P(), check_vma=False)(preds)
+    return _local_error_token(preds, msgs)
+
+
+def _local_error_token(preds: Array, msgs: tuple[str, ...]) -> Array:
     if len(msgs) == 1:
         return eqx.error_if(jnp.zeros(()), preds[0], msgs[0])
     index = jnp.argmax(preds)  # the first true check names the cause
@@ -501,13 +530,16 @@ def _ad_modes(tree) -> tuple[bool, int]:
     return forward, reverse
 
 
-def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> None:
+def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> bool:
+    """Refuse derivatives ``adjoint`` cannot give (forward mode; time derivatives with
+    backsolve); returns whether the solve is under two or more reverse-mode levels (its inputs are
+    then passed through :func:`_first_order_only`)."""
     forward, reverse = _ad_modes((inputs, times))
     if forward and check_grads:
         raise TypeError("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
                         "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
     if adjoint == "direct":
-        return
+        return False
     if forward:
         raise TypeError(
             f"ncode_jax.solve: adjoint={adjoint!r} supports reverse-mode derivatives only "
@@ -519,11 +551,56 @@ def _check_derivatives(adjoint: str, check_grads: bool, inputs, times) -> None:
             "ncode_jax.solve: adjoint='backsolve' gives no derivatives with respect to t0, t1 or ts; "
             "use adjoint='checkpoint' or 'direct' to differentiate the times"
         )
-    if reverse >= 2:
+    if reverse >= 2 and adjoint == "backsolve":  # diffrax's backsolve loop takes no outer tangents
         raise TypeError(
-            f"ncode_jax.solve: adjoint={adjoint!r} gives first derivatives only; second-order "
-            "reverse mode (jax.grad of jax.grad) needs adjoint='direct'"
+            "ncode_jax.solve: adjoint='backsolve' works under one reverse-mode level only: jax.grad "
+            "of a function that itself calls jax.grad needs adjoint='direct' (or adjoint='checkpoint' "
+            "when the inner gradient is under stop_gradient: first-order meta-learning)"
         )
+    return reverse >= 2
+
+
+def _second_order_message(adjoint: str) -> str:
+    return (f"ncode_jax.solve: adjoint={adjoint!r} gives first derivatives only; second-order "
+            "reverse mode (jax.grad of jax.grad) needs adjoint='direct'")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _first_order_only(tree, adjoint: str):
+    """Identity on a solve's inputs under two reverse-mode levels. Its backward pass (the inner
+    gradient) passes the cotangents through :func:`_not_differentiated`, so a second reverse pass
+    that differentiates the inner gradient (``grad`` of ``grad``: the adjoint's backward loop
+    cannot be transposed) raises a clear ``TypeError`` before it reaches that loop, while one that
+    does not (first-order meta-learning: ``stop_gradient`` of the inner gradient) never calls it."""
+    return tree
+
+
+def _first_order_only_fwd(tree, adjoint):
+    return tree, None
+
+
+def _first_order_only_bwd(adjoint, _, ct):
+    return (_not_differentiated(ct, adjoint),)
+
+
+_first_order_only.defvjp(_first_order_only_fwd, _first_order_only_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _not_differentiated(tree, adjoint: str):
+    """Identity whose backward pass raises: a gradient that must not be differentiated again."""
+    return tree
+
+
+def _not_differentiated_fwd(tree, adjoint):
+    return tree, None
+
+
+def _not_differentiated_bwd(adjoint, _, ct):
+    raise TypeError(_second_order_message(adjoint))
+
+
+_not_differentiated.defvjp(_not_differentiated_fwd, _not_differentiated_bwd)
 
 
 def _as_array(a, who: str):
@@ -575,6 +652,62 @@ def _static_times_checks(t0, t1, ts) -> None:
                              "decreasing if t1 < t0)")
 
 
+def time_dtype(dtype) -> np.dtype:
+    """The dtype :func:`solve` keeps its times in for a state of ``dtype``: the state's own when it
+    is float32 or wider, float32 for bfloat16 and float16 (whose 8- and 11-bit significands cannot
+    hold a time grid: diffrax merges every step that ends within 100 ULP of ``t1`` into the last,
+    0.39 of [0, 1] in bfloat16)."""
+    dtype = np.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else np.dtype(np.float32)
+
+
+def _merge_width(span, dtype):
+    """How far below ``|span|`` diffrax rounds a step end up to it: 100 ULP (``t1_clip_floor``)."""
+    a = np.abs(np.asarray(span, dtype))
+    return np.asarray(100, dtype) * (a - np.nextafter(a, np.asarray(0, dtype)))
+
+
+def _grid_merged(span: Array, dt: float) -> Array:
+    """Traced :func:`_check_grid`: True when fixed steps of ``dt`` over ``span`` would be merged."""
+    a = jnp.abs(span)
+    width = 100 * (a - jnp.nextafter(a, jnp.zeros_like(a)))
+    n = jnp.maximum(jnp.ceil(a / jnp.nextafter(jnp.asarray(dt, a.dtype), jnp.asarray(jnp.inf, a.dtype))), 1)
+    return (n > 1) & (a / n <= width)
+
+
+def _check_grid(span: float, dt: float, dtype, t0, t1) -> None:
+    """Refuse fixed steps that the time dtype cannot represent over ``[t0, t1]``: diffrax rounds
+    every step end within 100 ULP of the interval's end up to it, so steps shorter than that would
+    be merged into the last one."""
+    n = fixed_step_count(0.0, abs(span), dt, dtype)
+    width = float(_merge_width(span, dtype))
+    if n > 1 and abs(span) / n <= width:
+        raise ValueError(
+            f"dt={dt} is too small for the interval [{float(t0)}, {float(t1)}] in "
+            f"{np.dtype(dtype).name} (the solve's time dtype): diffrax merges every step that ends "
+            f"within 100 ULP ({width:.3g}) of t1 into the last one; use a larger dt, a shorter "
+            "interval, or float64 (jax.config.update('jax_enable_x64', True) and float64 inputs)")
+
+
+class _Field(eqx.Module):
+    """The dynamics on the solver's time ``s = t - t0`` (``t0`` None: 0) and state: the field
+    sees ``t0 + s`` and, when the solver carries a wider dtype than the state's (bfloat16 and
+    float16 states are solved with float32 times, to which diffrax promotes the state), the state
+    and time in the state's ``dtype``; its output is cast back to the solver's."""
+
+    dynamics: Dynamics  # a leaf, as when diffrax.ODETerm held it directly
+    t0: Array | None
+    dtype: Any = eqx.field(static=True)
+
+    def __call__(self, s, z, args):
+        t = s if self.t0 is None else self.t0 + s
+        if self.dtype is None:
+            return self.dynamics(t, z, args)
+        narrow = jax.tree.map(lambda a: a.astype(self.dtype), z)
+        out = self.dynamics(jnp.asarray(t).astype(self.dtype), narrow, args)
+        return jax.tree.map(lambda a, c: a.astype(c.dtype), out, z)
+
+
 def solve(
     dynamics: Dynamics,
     x0: Array,
@@ -600,8 +733,14 @@ def solve(
 
     ``t1 < t0`` integrates backwards in time (e.g. to recover ``x(0)`` from ``x(T)``, see
     :meth:`~ncode_jax.NCODE.inverse`): with fixed steps the solver steps by ``-dt``; ``ts`` must
-    then decrease. Outputs keep the dtype of ``x0`` and ``θ0``: the times are cast to it, so a
-    float32 model stays float32 under ``jax_enable_x64``.
+    then decrease. ``x``, ``theta`` and ``cost`` keep the dtype of ``x0`` and ``θ0`` (a float32
+    model stays float32 under ``jax_enable_x64``). The solver's times are in :func:`time_dtype`
+    (the state's dtype, but float32 for bfloat16 and float16 states, whose state the solver then
+    carries in float32 while the field sees its own dtype) and relative to ``t0`` (it steps
+    ``s = t - t0`` from 0 to ``t1 - t0``, the field sees ``t0 + s``), so the step grid of
+    ``[1e4, 1e4 + 1]`` is that of ``[0, 1]``; fixed steps that the time dtype still cannot
+    represent (diffrax merges every step that ends within 100 ULP of ``t1`` into the last) are
+    refused.
 
     Args:
       dynamics: the augmented field (field f, optional feedback g, optional running cost ℓ).
@@ -651,7 +790,10 @@ def solve(
 
         Forward-mode derivatives and second-order reverse mode need ``direct``: with
         ``checkpoint`` or ``backsolve`` they raise a ``TypeError`` that names the adjoint and
-        the alternative.
+        the alternative (``checkpoint`` raises it when the outer gradient reaches the inner
+        one, so first-order meta-learning, an inner gradient under ``stop_gradient``, is
+        computed; ``backsolve`` works under one reverse-mode level only). Under
+        ``jax.checkpoint``/``nn.remat`` every adjoint works.
       batch: ``system`` solves the batch as one ODE (shared step sizes); ``vmap`` gives every
         sample its own adaptive steps (slower on CPU: lock-step while loops).
       throw: raise on failure (default). With ``False``, failures are reported only in
@@ -665,13 +807,15 @@ def solve(
       A :class:`Solution`.
 
     Raises:
-      ValueError, TypeError: at trace time, for bad options (:func:`check_options`), shapes or
+      ValueError, TypeError: at trace time, for bad options (:func:`check_options`), fixed steps
+        too small for the interval in the time dtype (naming dtype and interval), shapes or
         dtypes (``x0`` and ``θ0`` must share a floating dtype), a closed-loop dynamics without
         ``params["feedback"]``, an empty interval, ``ts`` not 1-D, outside ``[t0, t1]`` or not
         monotone in the direction of integration.
       equinox.EquinoxRuntimeError: (``throw=True``; under ``jax.jit`` too, and again in the
         backward pass of ``jax.grad``): with a message that names the cause, one of —
-        non-finite inputs (``x0``, ``θ0``, ``params``, times, ``ts``, tolerances); the dynamics
+        non-finite inputs (``x0``, ``θ0``, ``params``, times, ``ts``, tolerances); traced times
+        whose interval the fixed ``dt`` is too small for in the time dtype; the dynamics
         produced NaN/inf (with the time of the first non-finite step); the step size collapsed
         (the solver kept rejecting steps at one time: stiff or non-smooth dynamics); the step
         budget ran out (``max_steps``, with how to raise it); and, with ``check_grads``, a
@@ -693,7 +837,12 @@ def solve(
             "model.init(...)['feedback'])"
         )
     _check_dtypes(x0, theta0, params.get("feedback"))
-    _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts))
+    if _check_derivatives(adjoint, check_grads, (x0, theta0, params), (t0, t1, ts)):
+        leaves, treedef = jax.tree.flatten((x0, theta0, params))
+        floats = [i for i, a in enumerate(leaves) if _inexact(a)]  # integer leaves have no gradient
+        for i, a in zip(floats, _first_order_only([leaves[i] for i in floats], adjoint)):
+            leaves[i] = a
+        x0, theta0, params = jax.tree.unflatten(treedef, leaves)
     _static_times_checks(t0, t1, ts)
     if adjoint == "backsolve" and dt is not None and info.order < 4:
         warnings.warn(
@@ -704,17 +853,24 @@ def solve(
         )
 
     dtype = x0.dtype
+    tdtype = time_dtype(dtype)  # the solver's times: at least float32 (bfloat16 cannot hold a grid)
     # known at trace time? (asked before jnp.asarray, which under jit returns a tracer)
     static_times = _is_concrete(t0) and _is_concrete(t1)
-    if static_times:  # rounded to the state's dtype, as the solve sees them
-        t0_, t1_ = (float(np.asarray(t, dtype)) for t in (t0, t1))
-    forward = t1_ > t0_ if static_times else None
-    t0 = jnp.asarray(t0, dtype)
-    t1 = jnp.asarray(t1, dtype)
-    ts = None if ts is None else jnp.asarray(ts, dtype)
+    shift = None if static_times and float(t0) == 0 else t0  # what the field adds to the solver's s
+    if static_times:  # the solver runs on s = t - t0 in [0, t1 - t0], computed in float64 first
+        span_ = float(np.asarray(float(t1) - float(t0), tdtype))
+        if span_ == 0:
+            raise ValueError(f"t0={float(t0)!r} and t1={float(t1)!r} are equal in {np.dtype(tdtype).name}, "
+                             "the solve's time dtype: the time interval is empty")
+        if dt is not None:
+            _check_grid(span_, dt, tdtype, t0, t1)
+    forward = span_ > 0 if static_times else None
+    t0 = jnp.asarray(t0, tdtype)
+    t1 = jnp.asarray(t1, tdtype)
+    ts = None if ts is None else jnp.asarray(ts, tdtype)
     fixed_steps = None  # diffrax's number of fixed steps, when known at trace time
     if dt is not None and static_times:
-        fixed_steps = fixed_step_count(t0_, t1_, dt, dtype)  # the solve's step budget
+        fixed_steps = fixed_step_count(0.0, span_, dt, tdtype)  # the solve's step budget
     if max_steps is None:
         max_steps = fixed_steps if fixed_steps is not None else DEFAULT_ADAPTIVE_MAX_STEPS
     # checkpoint adjoint, fixed steps, every step checkpointed (asked for, or by default when the
@@ -725,13 +881,13 @@ def solve(
                  and max_steps >= fixed_steps
                  and (checkpoints >= fixed_steps if checkpoints is not None else
                       stored_steps_bytes(fixed_steps, info.stages, x0, theta0) <= STORED_STEPS_MAX_BYTES))
-    grid = fixed_step_grid(t0_, t1_, dt, dtype) if store_all else None  # diffrax's own times
+    grid = fixed_step_grid(0.0, span_, dt, tdtype) if store_all else None  # diffrax's own times
     if dt is None:
         dt0 = None
     elif forward is None:
-        dt0 = jnp.where(t1 > t0, dt, -dt).astype(dtype)
+        dt0 = jnp.where(t1 > t0, dt, -dt).astype(tdtype)
     else:
-        dt0 = float(dt) if forward else -float(dt)  # a Python float: times in the state dtype, as in the grid
+        dt0 = float(dt) if forward else -float(dt)  # a Python float: times in the time dtype, as in the grid
 
     budget = (  # advice for a solve that ran out of steps (worded before tolerances are traced)
         f"use a larger dt (now {dt}; {max_steps} steps cover {max_steps * dt:g} time units)"
@@ -760,6 +916,11 @@ def solve(
         if dt is None:
             checks.append(((jnp.asarray(rtol) == 0) & (jnp.asarray(atol) == 0),
                            "rtol and atol are both 0: the adaptive controller could never accept a step"))
+        if dt is not None and not static_times:
+            checks.append((_grid_merged(t1 - t0, dt),
+                           f"dt={dt} is too small for the interval [t0, t1] in {np.dtype(tdtype).name} "
+                           "(the solve's time dtype): diffrax merges every step that ends within 100 ULP "
+                           "of t1 into the last one; use a larger dt or a shorter interval"))
         if ts is not None:
             lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
             direction = jnp.sign(t1 - t0)
@@ -794,32 +955,45 @@ def solve(
             if seminorm else None
         )
     adj = _adjoint(adjoint, checkpoints, backward_controller, throw)
-    saveat = diffrax.SaveAt(t1=True if ts is None else False, ts=ts, controller_state=True)
-    term = diffrax.ODETerm(dynamics)
+    # the solver's time is s = t - t0, from 0 to s1 = t1 - t0 (the field sees t0 + s): a grid far
+    # from t = 0 keeps the precision of its length, not of its position
+    s1 = jnp.asarray(span_, tdtype) if static_times else t1 - t0
+    s_ts = None if ts is None else (ts if shift is None else
+                                    jnp.clip(ts - t0, jnp.minimum(s1, 0), jnp.maximum(s1, 0)))
+    if adjoint == "backsolve":
+        # backsolve differentiates no time (refused above), and takes them as non-differentiable
+        # arguments: the zero tangents the checks give them under jax.checkpoint/nn.remat must go
+        s1, s_ts = jax.lax.stop_gradient((s1, s_ts))
+    saveat = diffrax.SaveAt(t1=True if ts is None else False, ts=s_ts, controller_state=True)
+    term = diffrax.ODETerm(_Field(dynamics, None if shift is None else t0,
+                                  None if tdtype == dtype else dtype))
 
     def one_system(x0_, theta0_):
         z0, theta_const = dynamics.initial_state(x0_, theta0_)
+        z0 = jax.tree.map(lambda a: a.astype(tdtype), z0)  # as diffrax promotes it to the time dtype
         args = {"theta": theta_const, "feedback": feedback, "cost": cost_args}
         if store_all:
             ys, sol_stats = _stored_steps(term, info.make(), grid, z0, args)
+            ys = jax.tree.map(lambda a: a.astype(dtype), ys)
             bad_ys = _not_finite(ys)
-            ok, nonfinite, t_now, last_dt = ~bad_ys, bad_ys, t1, dt0
+            ok, nonfinite, t_now, last_dt = ~bad_ys, bad_ys, s1, dt0
             result = diffrax.RESULTS.successful  # a NaN state is named through nonfinite and bad_ys
         else:
             sol = diffrax.diffeqsolve(
-                term, info.make(), t0, t1, dt0, z0, args,
+                term, info.make(), jnp.zeros((), tdtype), s1, dt0, z0, args,
                 saveat=saveat, stepsize_controller=_Monitor(controller), adjoint=adj,
                 max_steps=max_steps, throw=False,
             )
             ys: State = sol.ys if ts is not None else jax.tree.map(lambda a: a[0], sol.ys)
+            ys = jax.tree.map(lambda a: a.astype(dtype), ys)
             sol_stats, result = sol.stats, sol.result
             _, nonfinite, t_now, last_dt = sol.controller_state
-            t_now = t_now * jnp.sign(t1 - t0)  # the monitor sees diffrax's direction-normalised times
+            t_now = t_now * jnp.sign(s1)  # the monitor sees diffrax's direction-normalised times
             ok = result == diffrax.RESULTS.successful
             bad_ys = _not_finite(ys)
         # a rejected non-finite candidate the solver recovered from is no failure
         nonfinite = nonfinite & (~ok | bad_ys)
-        mean_step = jnp.abs(t_now - t0) / jnp.maximum(sol_stats["num_accepted_steps"], 1)
+        mean_step = jnp.abs(t_now) / jnp.maximum(sol_stats["num_accepted_steps"], 1)
         collapsed = ~ok & ~nonfinite & (jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step)
         budget_out = (result == diffrax.RESULTS.max_steps_reached) & ~nonfinite & ~collapsed
         if throw:

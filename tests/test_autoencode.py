@@ -150,3 +150,13 @@ def test_samplers():
         GMMSampler(np.zeros((0, 2)), 1)
     with pytest.raises(ValueError, match="positive int"):
         kde.sample(0)
+
+
+def test_a_collapsed_mixture_fit_says_so():
+    """200 codes at 3 distinct points, 10 components: 7 components had weight 0 while fit_info
+    reported a normal converged fit and scikit-learn's warning was suppressed."""
+    codes = np.repeat(np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]]), [70, 70, 60], axis=0)
+    with pytest.warns(UserWarning, match=r"collapsed fit: 7 of 10 components hold no code \(3 distinct"):
+        info = GMMSampler(codes, 10).fit_info
+    assert (info["distinct_codes"], info["empty_components"]) == (3, 7) and "collapsed" in info["note"]
+    assert any("distinct clusters (3)" in w for w in info["warnings"])

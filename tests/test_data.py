@@ -394,6 +394,27 @@ def test_tfds_wrong_file_format_is_explained(prepared_mnist, tmp_path):
         load_dataset("mnist", "train", data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize("damage", ["empty_info", "truncated_records", "missing_records"])
+def test_tfds_half_copied_dataset_is_explained(prepared_mnist, tmp_path, damage):
+    """An interrupted copy of a prepared directory ended in tfds's raw AssertionError traceback."""
+    import shutil
+
+    data_dir, _ = prepared_mnist
+    shutil.copytree(data_dir / "mnist", tmp_path / "mnist")
+    version = tmp_path / "mnist" / "3.0.1"
+    records = sorted(version.glob("*train.array_record*"))
+    if damage == "empty_info":
+        (version / "dataset_info.json").write_text("{}")
+    elif damage == "truncated_records":
+        for r in records:
+            r.write_bytes(r.read_bytes()[: r.stat().st_size // 3])
+    else:
+        for r in records:
+            r.unlink()
+    with pytest.raises(DatasetNotPreparedError, match=r"'mnist' in .*mnist cannot be read .*interrupted"):
+        load_dataset("mnist", "train", data_dir=str(tmp_path))
+
+
 def test_known_datasets():
     assert set(KNOWN_DATASETS) == {"mnist5k", "digits", "mnist", "cifar10", "celeb_a"}
 

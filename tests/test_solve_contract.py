@@ -262,6 +262,34 @@ def test_direct_adjoint_gives_forward_and_second_order():
     np.testing.assert_allclose(jax.grad(lambda th: jax.grad(f)(th)[0])(theta), [np.exp(0.3)], rtol=1e-6)
 
 
+def test_first_order_meta_learning_is_computed():
+    """An inner gradient step under ``stop_gradient``, then an outer gradient (first-order MAML):
+    two reverse levels, but the inner gradient is never differentiated; it was refused as
+    second-order. rk4 of dx/dt = θx from 1: inner(θ) = x(1)² ≈ e^{2θ}, so the outer gradient is
+    2 e^{2s} at the inner step's end s = θ - 0.1 · 2e^{2θ}."""
+    def outer(th, adj):
+        inner = lambda t: jnp.sum(_x1(t, adj) ** 2)  # noqa: E731
+        step = th - 0.1 * jax.lax.stop_gradient(jax.grad(inner)(th))
+        return inner(step)
+
+    s = 0.3 - 0.2 * np.exp(0.6)
+    grad = jax.jit(jax.grad(outer), static_argnums=1)
+    np.testing.assert_allclose(grad(jnp.array([0.3]), "checkpoint"), [2 * np.exp(2 * s)], rtol=1e-5)
+    _raises(r"adjoint='backsolve' works under one reverse-mode level only", grad, jnp.array([0.3]),
+            "backsolve", exc=TypeError)  # diffrax's backsolve cannot compute it
+
+
+@pytest.mark.slow  # ~4 s of compilation; the default run's budget is spent
+def test_backsolve_under_rematerialisation():
+    """``jax.checkpoint`` around a backsolve solve with save times or traced times ended in
+    diffrax's "Unexpected tangent": the run-time checks gave the times zero tangents. rk4 of
+    dx/dt = θx from 1 saved at 0, 1/2, 1: d/dθ (1 + e^{θ/2} + e^θ)."""
+    f = lambda th, t1: jnp.sum(solve(Dynamics(LIN), ONES[:1], th, adjoint="backsolve", solver="rk4",  # noqa: E731
+                                     dt=0.1, t1=t1, ts=jnp.linspace(0.0, 1.0, 3)).x)
+    remat = jax.jit(jax.grad(jax.checkpoint(f)))(jnp.array([0.3]), 1.0)
+    np.testing.assert_allclose(remat, [0.5 * np.exp(0.15) + np.exp(0.3)], rtol=1e-6)
+
+
 # --- 8. degenerate sizes ------------------------------------------------------------------------
 
 

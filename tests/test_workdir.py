@@ -252,3 +252,23 @@ def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
     want = "error: interrupted: the same command resumes from the last saved checkpoint"
     assert err.strip().splitlines() == [want]
+
+
+def test_a_resume_is_compared_with_what_wrote_the_checkpoint(runs, tmp_path):
+    """Without ``config.json`` (deleted) a resume with another learning rate trained on under it and
+    recorded it as the whole run's: the checkpoint now carries the run's identity."""
+    work, _ = _copy(runs, tmp_path)
+    record = work / "reflection_open" / "config.json"
+    saved = json.loads(record.read_text())
+    record.unlink()
+    with pytest.raises(CheckpointError,
+                       match=r"step_00000004 was written by another experiment \(lr: 0.01 -> 0.03\)"):
+        train_one(cfg(steps=6, lr=0.03), work)
+    assert not record.exists()
+    run = engine.load_run(work / "reflection_open")  # rebuilt from the checkpoint's identity
+    assert (run.step, run.finished, run.config) == (4, True, cfg(steps=4))
+    record.write_text(json.dumps({**saved, "config": {**saved["config"], "lr": 0.03}}))  # an edited record
+    with pytest.raises(CheckpointError, match=r"another experiment \(lr: 0.01 -> 0.03\)"):
+        engine.load_run(work / "reflection_open")
+    with pytest.raises(UserError, match="different configuration"):
+        train_one(cfg(steps=6, hidden=5), work)  # the record, where there is one, is checked first

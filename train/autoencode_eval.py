@@ -32,6 +32,7 @@ components for the codes is an error raised before any work.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from ncode_jax.models.autoencoder import MODEL_KINDS
 
 from . import autoencode, figures, stats
 from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides, to_dict
-from .engine import error, load_run, parse_args
+from .engine import error, library_message, load_run, parse_args, quiet_callback_logs
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -221,6 +222,14 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
     unless ``cfg.allow_unfinished``, and then labelled UNFINISHED in every output."""
     dirs = run_dirs(workdir, cfg.models)
+    out = workdir / "eval"
+    try:  # before hours of evaluation: a workdir it cannot write to is one error line
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the evaluation to {out}: {e.strerror or e}") from None
     record = json.loads((dirs[0] / "config.json").read_text())
     cfg0 = build(autoencode.AutoencodeConfig, record["config"])
     for d in dirs[1:]:
@@ -241,8 +250,6 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
     if unfinished and not cfg.allow_unfinished:
         raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
                         "to finish them, or pass --allow-unfinished to evaluate them labelled as such")
-    out = workdir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     features = Features(workdir, cfg0.dataset, cfg0.data_dir, cfg.inception_weights)
     real_feats = features(test.images) if features.name is not None else None
     results, arrays = [], {}  # arrays: label -> the figures' arrays of the group's first seed
@@ -328,11 +335,19 @@ class EvalConfig(Config):
 
 def main(argv=None) -> int:
     args = parse_args(argv, doc=__doc__, config_class=EvalConfig, default_config="", training=False)
+    quiet_callback_logs()
     try:
         cfg = build(EvalConfig, parse_overrides(args.overrides))
         results = run(Path(args.workdir), cfg)
     except (ValueError, FileNotFoundError) as e:
         return error(e, 2)
+    except OSError as e:  # e.g. the disk filled up while writing figures
+        return error(f"cannot write the evaluation to {Path(args.workdir) / 'eval'}: {e.strerror or e}", 2)
+    except Exception as e:  # noqa: BLE001 - a solve's check inside a compiled evaluation: one line
+        found = library_message(e)
+        if found is None:
+            raise
+        return error(f"the evaluation failed: {found}", 2)
     print(results_table(results, cfg.components))
     print(f"\nwrote {args.workdir}/eval/: eval.json, results.md, orbit.png, samples_*.png, "
           "interpolation.png, tsne.png")

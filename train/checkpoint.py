@@ -1,11 +1,13 @@
 """Checkpoints verified on restore, and an exclusive workdir lock.
 
 Checkpoint ``step_<s>/``: ``arrays.npz`` (the state's leaves) and ``manifest.json`` (step, PyTree
-paths, shapes, dtypes, SHA-256 of ``arrays.npz``), written to a temporary directory, fsynced and
-renamed (a kill mid-save leaves the older ones intact). A failed save raises
-:class:`CheckpointError` at once (no background threads to hang the process). Restore takes the
-newest intact checkpoint (an older one, with a message, when the newest is damaged) and checks
-paths, shapes and dtypes against the model. Process 0 alone writes; every process reads.
+paths, shapes, dtypes, SHA-256 of ``arrays.npz``, and the run's identity: task and configuration,
+so that a resume is compared with what wrote the checkpoint even without the run's record),
+written to a temporary directory, fsynced and renamed (a kill mid-save leaves the older ones
+intact). A failed save raises :class:`CheckpointError` at once (no background threads to hang the
+process). Restore takes the newest intact checkpoint (an older one, with a message, when the
+newest is damaged) and checks identity, paths, shapes and dtypes against the model. Process 0
+alone writes; every process reads.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class CheckpointError(UserError):
     """A checkpoint could not be written or no intact checkpoint fits the model."""
 
 
-def _host(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
+    """A replicated (or host) array as a NumPy array on this process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)  # replicated: every device holds the whole value
     return np.asarray(x)
@@ -50,6 +53,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _manifest_check(manifest: dict) -> str:
+    """SHA-256 of the manifest's own content (all but ``check``): an edited manifest is detected."""
+    body = {k: v for k, v in manifest.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -61,10 +70,12 @@ def _fsync(path: Path) -> None:
 class Checkpointer:
     """The last ``max_to_keep`` checkpoints of one run under ``directory``."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, *, write: bool = True):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, *, write: bool = True,
+                 identity: dict | None = None):
         self.directory = Path(directory)
         self.max_to_keep = max_to_keep
         self.write = write
+        self.identity = identity  # recorded with every checkpoint saved
 
     def steps(self) -> list[int]:
         """Steps of the checkpoints on disk, newest first (intact or not)."""
@@ -74,22 +85,29 @@ class Checkpointer:
                       reverse=True)
 
     def save(self, step: int, state: Any) -> None:
-        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``; returns once it is
-        committed. Raises :class:`CheckpointError` naming the directory if it cannot be written."""
+        """Write ``state`` (a PyTree of arrays) as the checkpoint of ``step``, with the
+        checkpointer's ``identity`` (a JSON-able dict: what wrote it) in its manifest; returns once
+        it is committed. Raises :class:`CheckpointError` naming the directory if it cannot be written."""
+        identity = self.identity
         if not self.write:
             return
         names, values, _ = _flat(state)
-        arrays = {n: _host(v) for n, v in zip(names, values)}
+        arrays = {n: host_array(v) for n, v in zip(names, values)}
         final = self.directory / f"step_{int(step):08d}"
         tmp = self.directory / f".tmp_step_{int(step):08d}_{os.getpid()}"
         try:
+            for stale in self.directory.glob(".tmp_step_*"):  # left by a save that was killed
+                if stale.name != tmp.name:
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
             with open(tmp / "arrays.npz", "wb") as f:
                 np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays.values())})
                 f.flush()
                 os.fsync(f.fileno())
             manifest = {"step": int(step), "sha256": _sha256(tmp / "arrays.npz"), "time": time.time(),
-                        "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()]}
+                        "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()],
+                        **({} if identity is None else {"identity": identity})}
+            manifest["check"] = _manifest_check(manifest)
             (tmp / "manifest.json").write_text(json.dumps(manifest))
             _fsync(tmp / "manifest.json")
             if final.exists():
@@ -106,21 +124,43 @@ class Checkpointer:
     def _read(self, step: int) -> tuple[dict, list[np.ndarray]]:
         d = self.directory / f"step_{step:08d}"
         manifest = json.loads((d / "manifest.json").read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("its manifest.json is not a JSON object")
+        if "check" in manifest and manifest["check"] != _manifest_check(manifest):
+            raise ValueError("its manifest.json was edited or damaged (its check does not match)")
+        if manifest["step"] != step:
+            raise ValueError(f"its manifest.json names step {manifest['step']}")
         if _sha256(d / "arrays.npz") != manifest["sha256"]:
             raise ValueError("its arrays.npz does not match the SHA-256 in manifest.json")
         with np.load(d / "arrays.npz", allow_pickle=False) as data:
             arrays = [data[f"a{i}"] for i in range(len(manifest["leaves"]))]
+            if len(data.files) != len(arrays):
+                raise ValueError("its arrays.npz holds other arrays than manifest.json lists")
+        for (name, shape, dtype), a in zip(manifest["leaves"], arrays, strict=True):
+            if [list(a.shape), a.dtype.str] != [list(shape), dtype]:
+                raise ValueError(f"manifest.json does not describe arrays.npz ({name})")
         return manifest, arrays
 
-    def restore(self, template: Any) -> Any | None:
+    def recorded_identity(self) -> dict | None:
+        """The identity recorded with the newest intact checkpoint (None: no checkpoint, or one
+        written without it)."""
+        for step in self.steps():
+            try:
+                return self._read(step)[0].get("identity")
+            except (OSError, ValueError, KeyError, EOFError, TypeError):
+                continue
+        return None
+
+    def restore(self, template: Any, same: Any = None) -> Any | None:
         """The newest intact checkpoint in ``template``'s structure (None if there is none); one
-        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`."""
+        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`, and so
+        does one whose recorded identity ``same(identity)`` answers with a difference (a string)."""
         names, values, treedef = _flat(template)
         damaged = []
         for step in self.steps():
             try:
                 manifest, arrays = self._read(step)
-            except (OSError, ValueError, KeyError, EOFError) as e:
+            except (OSError, ValueError, KeyError, EOFError, TypeError) as e:
                 damaged.append(step)
                 print(f"warning: checkpoint {self.directory}/step_{step:08d} is damaged ({e}); "
                       "trying the previous one", file=sys.stderr, flush=True)
@@ -133,6 +173,10 @@ class Checkpointer:
                     f"the checkpoint {self.directory}/step_{step:08d} does not fit this model "
                     f"(saved [path, shape, dtype] vs the model's: {diff}); this workdir holds "
                     "another experiment: use another workdir")
+            if same is not None and "identity" in manifest and (diff := same(manifest["identity"])):
+                raise CheckpointError(
+                    f"the checkpoint {self.directory}/step_{step:08d} was written by another experiment "
+                    f"({diff}); use another workdir, or delete that directory to start over")
             if damaged:
                 print(f"warning: resuming {self.directory} from step {step} instead of damaged "
                       f"step(s) {damaged}", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydantic
 
 from ncode_jax import SolveConfig  # noqa: F401  (the configs' solver settings)
@@ -145,7 +146,7 @@ def build(cls, *layers: dict) -> Any:
             (given[path[0]] if len(path) == 2 else given)[path[-1]] = _text(value, typ)
             raw[path] = value
     try:
-        return _adapter(cls).validate_python(given)
+        config = _adapter(cls).validate_python(given)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         if err["type"] == "value_error":  # a check of the dataclass itself
@@ -154,6 +155,35 @@ def build(cls, *layers: dict) -> Any:
         key, (path, typ) = next((k, v) for k, v in known.items() if v[0] == loc[: len(v[0])])
         value = raw.get(path, err["input"])
         raise UserError(f"config value {key}={value!r}: expected {_name(typ)}") from None
+    _check_edges(config)
+    return config
+
+
+_INT64 = 2**63
+_SEED = 2**32  # jax.random.key and NumPy's generators take seeds in [0, 2**32) on every platform
+_FLOAT32_MAX, _FLOAT32_MIN = float(np.finfo(np.float32).max), float(np.finfo(np.float32).smallest_subnormal)
+
+
+def _check_edges(config, prefix: str = "") -> None:
+    """Values at the edges of their types, refused in one line: integers outside 64 bits (seeds
+    outside [0, 2**32)), and floats that float32 (the training dtype) turns into inf or 0."""
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_edges(value, f"{key}.")
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int):
+                limit = _SEED if f.name.endswith("seed") else _INT64
+                if not -limit <= v < limit:
+                    raise UserError(f"config value {key}={value!r} is out of range: must be below "
+                                    f"{'2**32' if limit == _SEED else '2**63'} in magnitude")
+            elif isinstance(v, float) and math.isfinite(v) and v != 0:
+                if abs(v) > _FLOAT32_MAX or abs(v) < _FLOAT32_MIN:
+                    raise UserError(f"config value {key}={value!r} is out of range: float32, in which "
+                                    f"training runs, makes it {'inf' if abs(v) > 1 else '0'}")
 
 
 @functools.cache

@@ -24,9 +24,12 @@ is every script's command line (``--config``, ``--workdir``, ``--set k=v``, ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 from ncode_jax.data.images import BatchIterator, load_dataset
 
 from . import parallel
-from .checkpoint import Checkpointer, WorkdirLock
+from .checkpoint import Checkpointer, CheckpointError, WorkdirLock, host_array
 from .config import UserError, build, leaves, load_config_file, parse_overrides, to_dict
 
 #: run-record name -> module defining ``Task`` (for :func:`load_run`)
@@ -70,6 +73,10 @@ class Task:
         if train_examples is not None:
             if train_examples < self.config.batch_size:
                 raise ValueError(f"train_examples={train_examples} is smaller than batch_size")
+            available = self.train.images.shape[0]
+            if train_examples > available:  # it would train on fewer than the config records
+                raise ValueError(f"train_examples={train_examples} is more than the {available} examples of "
+                                 f"{dataset!r} split {splits[0]!r}: use at most {available}, or none for all")
             self.train = self.train._replace(images=self.train.images[:train_examples],
                                              labels=self.train.labels[:train_examples])
 
@@ -183,6 +190,38 @@ def _experiment(config) -> dict:
     return {k: v for k, v in to_dict(config).items() if k not in skip}
 
 
+def _identity(task: Task) -> dict:
+    """What a checkpoint records about the run that wrote it: task and whole configuration."""
+    return json.loads(json.dumps({"task": task.name, "config": to_dict(task.config)}))
+
+
+def _differs(name: str, config):
+    """``identity -> difference``: the non-resumable config keys (or the task) in which a
+    checkpoint's recorded identity differs from task ``name`` with ``config``, as
+    ``key: old -> new`` ('' if none)."""
+    def diff(identity: dict) -> str:
+        if identity.get("task") != name:
+            return f"task {identity.get('task')!r}, not {name!r}"
+        try:
+            old = build(type(config), identity["config"])
+        except (KeyError, TypeError, UserError) as e:
+            return f"a configuration this version cannot read: {e}"
+        a, b = (_flat_experiment(c) for c in (old, config))
+        return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                         if a.get(k) != b.get(k))
+    return diff
+
+
+def _flat_experiment(config) -> dict:
+    out = {}
+    for key, value in _experiment(config).items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def check_recorded_config(workdir: Path, task: Task) -> None:
     """Raise :class:`UserError` if ``workdir`` holds a run of another experiment."""
     path = workdir / "config.json"
@@ -233,8 +272,8 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
     check_recorded_config(workdir, task)
     total = task.total_steps
     optimizer = task.optimizer(total)
-    ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main)
-    state = ckpt.restore(template := _template(task, optimizer)) or template
+    ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main, identity=_identity(task))
+    state = ckpt.restore(template := _template(task, optimizer), _differs(task.name, task.config)) or template
     step, prior_wall = int(state["step"]), float(state["wall_time"])
     it = task.batches()
     it.restore({"epoch": int(state["data"]["epoch"]), "index": int(state["data"]["index"])})
@@ -250,42 +289,72 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
 
     def save() -> None:  # config.json first: a run that fails before its first save records nothing
         nonlocal pending
-        if dp.is_main:
-            _write_json(workdir / "config.json", {"task": task.name, "config": to_dict(cfg)})
-            append_rows(metrics_path, pending)
-        pending = []
-        st = it.state()
+        record = workdir / "config.json"
+        first = not record.exists() and not ckpt.steps()
+        had_metrics = metrics_path.exists()
+        failed = None
+        try:
+            if dp.is_main:
+                _write_json(record, {"task": task.name, "config": to_dict(cfg)})
+                append_rows(metrics_path, pending)
+            pending = []
+            _save_checkpoint(it.state())
+        except (CheckpointError, OSError) as e:
+            failed = e if isinstance(e, CheckpointError) else CheckpointError(
+                f"cannot write the run's record in {workdir}: {e.strerror or e}")
+            if first and dp.is_main:  # nothing to resume: leave the workdir as the command found it
+                record.unlink(missing_ok=True)
+                if not had_metrics:
+                    metrics_path.unlink(missing_ok=True)
+        # process 0 alone writes: every process must learn that it failed, or the others would wait
+        # in the next step's collectives for a process that has gone
+        if _any_process(failed is not None):
+            raise failed or CheckpointError(f"process 0 could not save step {step} in {workdir} "
+                                            "(its own error line says why)")
+
+    def _save_checkpoint(st) -> None:
         ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
                          "data": {"epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"])},
                          "rng": state["rng"], "wall_time": np.asarray(wall())})
 
     bar = tqdm(total=total, initial=min(step, total), disable=not (progress and dp.is_main),
                desc=" ".join(map(str, task.row().values())), file=sys.stderr, dynamic_ncols=True)
+    saved = ckpt.steps()[0] if ckpt.steps() else None  # what a failure leaves to resume from
+    failed = StepFailure(task, workdir, init_scale=_max_abs(template["params"]))
     while step < total:
         batch = dp.shard_batch(*task.prepare(next(it), step))
-        params, extra, opt_state, loss, metrics = train_step(params, extra, opt_state, step, batch)
+        with failed.catch(f"training step {step + 1}", params, saved):
+            out = train_step(params, extra, opt_state, step, batch)
+            value = float(out[3])  # waits for the step: a failure is named with its step number
+        if not np.isfinite(value):
+            raise failed.error(f"training step {step + 1}", f"the training loss became {value}", params,
+                               saved)
+        params, extra, opt_state, loss, metrics = out
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            loss, metrics = float(loss), {k: float(v) for k, v in metrics.items()}
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"{workdir}: the training loss became {loss} at step {step}")
+            loss, metrics = value, {k: float(v) for k, v in metrics.items()}
             bar.set_postfix(loss=f"{loss:.4g}")
             pending.append({**task.row(), "kind": "train", "step": step,
                             "epoch": step / task.steps_per_epoch, "loss": loss, **metrics,
                             "wall_time": wall()})
         is_eval = step == total or (task.eval_every and step % task.eval_every == 0)
         if is_eval:
-            last_eval = evaluate(task, eval_step, params, extra, dp)
+            with failed.catch(f"the evaluation after step {step}", params, saved):
+                last_eval = evaluate(task, eval_step, params, extra, dp)
             pending.append({**task.row(), "kind": "eval", "step": step,
                             "epoch": step // task.steps_per_epoch, **last_eval, "wall_time": wall()})
             if dp.is_main and progress:
                 bar.write(task.describe(step, last_eval))
         if is_eval or step % cfg.checkpoint_every == 0:
+            if not np.isfinite(_max_abs(params)):  # never save parameters that cannot be resumed
+                raise failed.error(f"training step {step}", "the parameters became NaN or inf", params, saved)
             save()
+            saved = step
     bar.close()
     if last_eval is None:  # a finished run resumed: evaluate its final parameters once more
-        last_eval = evaluate(task, eval_step, params, extra, dp)
+        with failed.catch(f"the evaluation after step {step}", params, saved):
+            last_eval = evaluate(task, eval_step, params, extra, dp)
     summary = {**task.row(), "steps": step, "finished": step >= total, **last_eval, "wall_time_s": wall(),
                "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
                "train_examples": int(task.train.images.shape[0]),
@@ -295,6 +364,100 @@ def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -
         _write_json(workdir / "summary.json", summary)
     task.trained = (params, extra)  # for reports drawn right after training (figures)
     return summary
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _max_abs(tree) -> float:
+    """The largest ``|value|`` over the floating leaves of ``tree`` (inf or NaN if any is not finite)."""
+    out = 0.0
+    for leaf in jax.tree.leaves(tree):
+        a = host_array(leaf)
+        if a.size and np.issubdtype(a.dtype, np.floating):
+            m = float(np.max(np.abs(a)))
+            out = m if not np.isfinite(m) else max(out, m)
+            if not np.isfinite(out):
+                return out
+    return out
+
+
+#: a run-time check that failed inside a jitted step, as JAX reports it: the library's own
+#: (``ncode_jax.solve: …``) or, failing that, one of diffrax/equinox (e.g. the backsolve
+#: adjoint's backward solve running out of ``max_steps``)
+_LIBRARY_MESSAGE = re.compile(r"ncode_jax\.\w+: [^\n]*")
+_EQUINOX_MESSAGE = re.compile(r"EquinoxRuntimeError: ([^\n]*)")
+
+
+def library_message(e: BaseException) -> str | None:
+    """The message of the run-time check that ``e`` reports, or None."""
+    if found := _LIBRARY_MESSAGE.search(str(e)):
+        return found.group(0)
+    if found := _EQUINOX_MESSAGE.search(str(e)):
+        return "diffrax: " + found.group(1).strip()
+    return None
+
+
+class TrainingFailed(UserError):
+    """A training step or evaluation failed at run time: one ``error:`` line (exit code 2) with the
+    step, what failed and its likely cause; no checkpoint is written for the failed step."""
+
+
+class StepFailure:
+    """Turns a failure inside a jitted training step or evaluation into :class:`TrainingFailed`.
+
+    The likely cause: parameters that grew over 100x their largest initial magnitude, or became
+    non-finite -> the learning rate; else the solver's step budget (the message names
+    ``max_steps``) -> that config key; otherwise the library's own message names it."""
+
+    def __init__(self, task: Task, workdir: Path, *, init_scale: float):
+        self.task, self.workdir, self.init_scale = task, workdir, init_scale
+
+    @contextlib.contextmanager
+    def catch(self, where: str, params, saved: int | None):
+        """Inside: a library check that fails (or XLA running out of memory) becomes
+        :class:`TrainingFailed` naming ``where``; ``params`` are the inputs of what failed."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - JAX re-raises run-time failures as several types
+            found = library_message(e)
+            if found is None and "RESOURCE_EXHAUSTED" not in str(e):
+                raise  # not a failure of the computation's checks: a bug, with its traceback
+            what = found if found else ("out of memory: " + str(e).splitlines()[0] +
+                                                 " (lower batch_size or the number of steps)")
+            raise self.error(where, what, params, saved) from None
+
+    def error(self, where: str, what: str, params, saved: int | None) -> TrainingFailed:
+        cfg = self.task.config
+        keys = leaves(type(cfg))
+        budget = min((k for k, (path, _) in keys.items() if path[-1] == "max_steps"), key=len, default=None)
+        scale = _max_abs(params)
+        what = what.split("; raise it with")[0]  # the library's advice names solve()'s argument
+        if not np.isfinite(scale) or scale > 100 * max(self.init_scale, 1e-6):
+            lr = f"lr={cfg.lr} " if hasattr(cfg, "lr") else ""
+            cause = (f"the parameters blew up (largest |value| {scale:.3g}, {self.init_scale:.3g} at "
+                     f"initialisation): the learning rate {lr}is likely too large; lower it")
+        elif "max_steps" in what and budget is not None:
+            now = cfg
+            for part in keys[budget][0]:
+                now = getattr(now, part)
+            now = "unset: the solve's default" if now is None else now
+            cause = (f"the solver's step budget: raise the config value {budget} (now {now}; "
+                     f"--set {budget}=N) or loosen the solver's tolerances or step")
+        else:
+            cause = None
+        kept = (f"the checkpoint of step {saved} in {self.workdir} is intact" if saved is not None
+                else f"nothing was saved in {self.workdir}")
+        cause = "" if cause is None else f"; likely cause: {cause}"
+        return TrainingFailed(f"{where} failed: {what.rstrip('.')}{cause}; {kept}")
 
 
 def make_step(task: Task, optimizer, rng):
@@ -329,20 +492,27 @@ def evaluate(task: Task, eval_step, params, extra, dp: parallel.DataParallel) ->
 def load_run(workdir: str | os.PathLike, **overrides) -> Run:
     """The model, trained parameters and config of a run directory of any training script.
 
-    ``overrides`` replace config values (as ``--set`` would); a checkpoint that does not fit the
-    rebuilt model raises :class:`~train.checkpoint.CheckpointError`. ``Run.finished`` is False for
-    a run stopped before its last step (readers must refuse or label it)."""
+    The run's configuration is its ``config.json`` or, without one, the identity recorded with its
+    checkpoint; ``overrides`` replace config values (as ``--set`` would). A checkpoint that does
+    not fit the rebuilt model, or was written by another experiment than ``config.json`` records,
+    raises :class:`~train.checkpoint.CheckpointError`. ``Run.finished`` is False for a run stopped
+    before its last step (readers must refuse or label it)."""
     workdir = Path(workdir)
     path = workdir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{workdir} holds no run (no config.json)")
-    record = json.loads(path.read_text())
-    if record.get("task") not in TASKS:
+    ckpt = Checkpointer(workdir / "checkpoints", write=False)
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else ckpt.recorded_identity()
+    except ValueError:
+        record = {}
+    if record is None:
+        raise UserError(f"{workdir} holds no run (no config.json, and no checkpoint that records its run)")
+    if not isinstance(record, dict) or record.get("task") not in TASKS:
         raise UserError(f"{path}: not written by a training script of this version")
     task_cls = importlib.import_module(TASKS[record["task"]]).Task
+    recorded = build(task_cls.config_class, record["config"])
     task = task_cls(build(task_cls.config_class, record["config"], overrides))
     optimizer = task.optimizer(task.total_steps)
-    state = Checkpointer(workdir / "checkpoints", write=False).restore(_template(task, optimizer))
+    state = ckpt.restore(_template(task, optimizer), _differs(record["task"], recorded))
     if state is None:
         raise UserError(f"{workdir} holds no checkpoint")
     step = int(state["step"])
@@ -398,8 +568,9 @@ def expand(raw: dict, sweep: dict[str, tuple]) -> list[dict]:
             raise UserError(f"{key}=all: list the values instead, e.g. {key}=0,1,2")
         values = (list(choices) if value.strip() == "all"
                   else [v.strip() for v in value.split(",") if v.strip()])
-        if len(set(map(str, values))) != len(values):
-            raise UserError(f"{key}={value!r} lists a value more than once")
+        if twice := sorted({v for v in map(str, values) if list(map(str, values)).count(v) > 1}):
+            raise UserError(f"--set {key}={value}: names {', '.join(map(repr, twice))} more than once (each "
+                            "value is one run, in its own directory)")
         out = [{**r, key: v} for r in out for v in values]
     return out
 
@@ -420,6 +591,10 @@ def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir
     def where(t: Task) -> Path:
         return Path(workdir) / subdir(t) / (f"seed{t.config.seed}" if several else "")
 
+    dirs = [where(t).as_posix() for t in tasks]
+    if twice := sorted({d for d in dirs if dirs.count(d) > 1}):
+        raise UserError(f"several configurations would train in the same directory {twice[0]!r}: "
+                        "give each run its own configuration")
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
         summaries = [{**train_and_evaluate(t, where(t), progress=progress), "seed": t.config.seed,
@@ -448,6 +623,7 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
     """The command line of a training script: parse, validate, :func:`run_configs` every config
     (``sweep`` keys given as ``all`` or a comma list expand), print the table."""
     args = parse_args(argv, doc=doc, config_class=task_class.config_class, **defaults)
+    quiet_callback_logs()
     try:
         parallel.initialize_from_args(args)  # before anything else starts JAX's backend
         raw = {**load_config_file(args.config), **parse_overrides(args.overrides)}
@@ -459,11 +635,21 @@ def main(argv, *, doc: str, task_class, sweep: dict, subdir, table, report=None,
             print(table(summaries) + f"\n\nwrote {args.workdir}/summary.json, results.md and the runs")
     except (UserError, ValueError) as e:
         return error(e, 2)
-    except FloatingPointError as e:
-        return error(e, 1)
     except KeyboardInterrupt:
         return error("interrupted: the same command resumes from the last saved checkpoint", 130)
+    except Exception as e:  # noqa: BLE001 - out of memory is the user's sizes; anything else, a bug
+        if not (isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return error(f"out of memory ({first}): lower the sizes in the configuration (batch, widths, "
+                     "examples)", 2)
     return 0
+
+
+def quiet_callback_logs() -> None:
+    """A check that fails inside a jitted step is reported once, as the command's error line: not
+    also as the traceback JAX logs for every failed host callback."""
+    logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
 
 
 def error(e: BaseException, code: int) -> int:

@@ -25,6 +25,8 @@ import argparse
 import contextlib
 import functools
 import os
+import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +44,8 @@ ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_N
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--coordinator-address``, ``--num-processes`` and ``--process-id`` to a parser."""
+    """Add ``--coordinator-address``, ``--num-processes``, ``--process-id`` and
+    ``--coordinator-timeout`` to a parser."""
     g = parser.add_argument_group("multi-host (jax.distributed); defaults from the environment")
     g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help=f"address of process 0's coordinator (env {ENV['coordinator_address']})")
@@ -50,17 +53,58 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                    help=f"total number of processes (env {ENV['num_processes']})")
     g.add_argument("--process-id", type=int, default=None,
                    help=f"this process's index in [0, num_processes) (env {ENV['process_id']})")
+    g.add_argument("--coordinator-timeout", type=float, default=COORDINATOR_TIMEOUT, metavar="SECONDS",
+                   help="how long a process waits for the coordinator before giving up "
+                        f"(default {COORDINATOR_TIMEOUT})")
     return parser
 
 
+#: seconds a process waits for the coordinator (process 0) to answer before giving up
+COORDINATOR_TIMEOUT = 120
+
+
+def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
+    """Fail in one line, within ``timeout`` seconds, where ``jax.distributed`` would wait minutes
+    and then abort the process: process 0 must be able to listen on the address's port, the others
+    must reach it (retried until ``timeout``: process 0 may start later)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator address {address!r} must look like HOST:PORT")
+    host = host.strip("[]")
+    if process_id == 0:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", int(port)))
+        except OSError as e:
+            raise ValueError(f"process 0 cannot serve as the coordinator at {address}: port {port}: "
+                             f"{e.strerror or e}") from None
+        return
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, max(timeout, 0.1))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise ValueError(f"cannot reach the coordinator at {address} (process 0) within {timeout:g} s "
+                             f"({getattr(last, 'strerror', None) or last}): is process 0 running, and is "
+                             "the address right?")
+        time.sleep(0.5)
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, environ=None) -> bool:
+                           process_id: int | None = None, *, environ=None,
+                           timeout: float = COORDINATOR_TIMEOUT) -> bool:
     """Start ``jax.distributed`` when a multi-process run is requested; returns whether it did.
 
     Arguments left None are read from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID``. Nothing requested (all unset, or ``num_processes == 1``): a plain
     single-process run, False. A partial request is a ValueError naming what is missing; this
-    must run before JAX starts its backend.
+    must run before JAX starts its backend. A coordinator that process 0 cannot serve, or that
+    another process cannot reach within ``timeout`` seconds, is a ValueError naming the address
+    (``jax.distributed`` itself waits minutes, then aborts the process).
     """
     environ = os.environ if environ is None else environ
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
@@ -79,13 +123,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                          f"{ENV[missing[0]]})")
     if not 0 <= given["process_id"] < given["num_processes"]:
         raise ValueError(f"need 0 <= process_id < num_processes, got {given}")
-    jax.distributed.initialize(**given)
+    _check_coordinator(str(given["coordinator_address"]), given["process_id"], timeout)
+    jax.distributed.initialize(**given, initialization_timeout=max(int(timeout), 1))
     return True
 
 
 def initialize_from_args(args: argparse.Namespace) -> bool:
     """:func:`initialize_distributed` from the flags :func:`add_distributed_flags` added."""
-    return initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    return initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                  timeout=getattr(args, "coordinator_timeout", COORDINATOR_TIMEOUT))
 
 
 def ensure_cpu_devices(num_devices) -> None:

@@ -435,11 +435,28 @@ def _prepare_hint(name: str, d: str) -> str:
     )
 
 
+#: what tfds raises on a prepared directory with missing, empty or truncated files (its own
+#: ``AssertionError`` for a ``dataset_info.json`` of ``{}``, JSON and protobuf errors, I/O errors)
+_DAMAGED = (AssertionError, OSError, ValueError, KeyError, IndexError, RuntimeError, TypeError, EOFError)
+
+
+def _damaged(name: str, data_dir: str | None, e: BaseException) -> DatasetNotPreparedError:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    where = f"{data_dir}/{name}" if data_dir else f"the tfds data directory's {name}/"
+    return DatasetNotPreparedError(
+        f"tfds dataset {name!r} in {where} cannot be read ({type(e).__name__}: {first}): its files are "
+        "incomplete or damaged (an interrupted copy?); copy the prepared directory again, whole")
+
+
 def _check_prepared(tfds: Any, name: str, data_dir: str | None) -> None:
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except _DAMAGED as e:
+        raise _damaged(name, data_dir, e) from None
     # The root actually searched: data_dir, else $TFDS_DATA_DIR or ~/tensorflow_datasets.
     root = str(data_dir or getattr(builder, "_data_dir_root", None) or "~/tensorflow_datasets")
-    if not builder.is_prepared():
+    if not prepared:
         raise DatasetNotPreparedError(
             f"tfds dataset {name!r} is not prepared: looked for version {builder.version} in "
             f"{builder.data_dir} (data_dir={data_dir!r}). This machine has no network and "
@@ -473,8 +490,13 @@ def _load_tfds(
     mocked = _tfds_is_mocked(tfds)
     if not mocked:
         _check_prepared(tfds, name, data_dir)
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    n = len(source)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        n = len(source)
+    except _DAMAGED as e:
+        if isinstance(e, ValueError) and "split" in str(e).lower():
+            raise  # an unknown split: load_dataset names the known ones
+        raise _damaged(name, data_dir, e) from None
     if n == 0:
         raise ValueError(f"dataset {name!r} split {split!r} is empty")
     images = np.empty((n, *spec.image_shape), np.float32)
@@ -483,7 +505,10 @@ def _load_tfds(
     for start in range(0, n, _TFDS_READ_CHUNK):
         keys = list(range(start, min(start + _TFDS_READ_CHUNK, n)))
         # tfds's mock serves __getitem__ but its __getitems__ is broken (unbound self).
-        examples = [source[k] for k in keys] if mocked else source.__getitems__(keys)
+        try:
+            examples = [source[k] for k in keys] if mocked else source.__getitems__(keys)
+        except _DAMAGED as e:  # a truncated record file
+            raise _damaged(name, data_dir, e) from None
         for i, ex in zip(keys, examples, strict=True):
             img = np.asarray(ex["image"])
             if name == "celeb_a":
