@@ -14,7 +14,8 @@ Implementations of the per-sample block (``ConvBlockField(impl=...)``, and ``imp
 :func:`per_sample_conv3x3`), all equal to plain autodiff of :func:`naive_per_sample_conv` to
 float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
 
-* ``"winograd"`` (CPU; what ``"auto"`` picks there) — fewer multiplications: Winograd's minimal
+* ``"winograd"`` (CPU with the batch split over several devices, e.g. one per core: what
+  ``"auto"`` picks there) — fewer multiplications: Winograd's minimal
   filtering F(4, 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR
   2016) along the image width, the three kernel rows side by side in the contraction. Every
   4 outputs of a row take 6 products of depth ``3·C`` instead of 4 of depth ``9·C``: 2× fewer
@@ -26,8 +27,12 @@ float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
   Per-sample θ runs the ``"map"`` block below with these products; on CPU the images are looped
   over, elsewhere vectorised (batched matrix products, the accelerator candidate to replace
   ``"grouped"``). Equal to direct convolution to a few 1e-7 relative in float32
-  (``tests/test_conv.py``). Timings: ``benchmarks/README.md``.
-* ``"map"`` — the *whole block* is one ``custom_vjp``
+  (``tests/test_conv.py``). Measured on 2 CPU cores (``benchmarks/README.md``): with one device
+  per core the conv classifier's training step is 1.26–1.29× faster than with ``"map"``; on ONE
+  device it is 2–9% slower (its six products per image are too small for XLA to spread over
+  the cores, while ``"map"``'s batch-1 convolution uses both), hence ``"auto"``'s rule.
+* ``"map"`` (CPU on one device: what ``"auto"`` picks there) — the *whole block* is one
+  ``custom_vjp``
   evaluated image by image with :func:`jax.lax.map`: the forward 3×3 convolution is XLA's
   batch-1 convolution (the least work measured in the block, benchmarks/README.md), the backward
   pass is im2col matrix products ``(H·W, 9h) @ (9h, h)`` per image: input gradient
@@ -47,12 +52,13 @@ float rounding (``tests/test_conv.py``); timings in ``benchmarks/README.md``:
   block with batch-1 ``lax.conv`` forward and input gradient and an im2col kernel gradient.
 * ``"reference"`` — plain ``lax.conv`` + autodiff, ``vmap`` over the batch (slow, obviously
   correct: the baseline of the tests and of the FLOP counts).
-* ``"auto"`` (default) — ``"winograd"`` when JAX's default backend is ``cpu``, ``"grouped"``
-  otherwise; decided when the field is traced (:func:`resolve_impl`).
+* ``"auto"`` (default) — on CPU ``"winograd"`` under a data-parallel mesh of several devices and
+  ``"map"`` on one, ``"grouped"`` on other backends; decided when the field is traced
+  (:func:`resolve_impl`).
 
-Shared θ runs batched convolutions with an im2col kernel gradient (``map``, ``conv_map``), the
-Winograd products with the batch in the rows (``winograd``), or plain ``lax.conv`` autodiff
-(``grouped``: cuDNN is fine with shared kernels; ``reference``).
+Shared θ runs batched convolutions with an im2col kernel gradient (``auto``, ``map``,
+``conv_map``), the Winograd products image by image (``winograd``, when asked for by name), or
+plain ``lax.conv`` autodiff (``grouped``: cuDNN is fine with shared kernels; ``reference``).
 Under a data-parallel mesh the per-image loops run per device over its own images
 (:mod:`ncode_jax.sharding`). The custom VJPs make the fast paths reverse-mode only
 (``jax.grad``/``jax.vjp``; forward-mode ``jax.jvp`` through them raises).
@@ -72,7 +78,7 @@ from jaxtyping import Array, Float
 
 from .fields import VectorField, activation
 from .layout import ParamLayout, ParamSpec
-from .sharding import batch_map, batch_sum
+from .sharding import batch_map, batch_sum, data_parallel_devices
 
 _DN = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "map", "winograd", "grouped", "conv_map", "reference")
@@ -80,13 +86,18 @@ Impl = Literal["auto", "map", "winograd", "grouped", "conv_map", "reference"]
 
 
 def resolve_impl(impl: str) -> str:
-    """``"auto"`` → ``"winograd"`` on JAX's CPU backend (the fastest measured there, module
-    docstring), ``"grouped"`` on any other (GPU, TPU: never measured on one; ``"winograd"`` is the
-    batched-GEMM candidate); any other name is returned unchanged after a check."""
+    """``"auto"`` → on JAX's CPU backend ``"winograd"`` when the batch is split over several
+    devices (a data-parallel mesh, :func:`ncode_jax.sharding.data_parallel_devices`; e.g. one
+    device per core) and ``"map"`` on one device — the faster of the two measured in each setting
+    (module docstring); ``"grouped"`` on any other backend (GPU, TPU: never measured on one;
+    ``"winograd"`` is the batched-GEMM candidate). Any other name is returned unchanged after a
+    check. Decided when the field is traced."""
     if impl not in IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(IMPLS)}")
     if impl == "auto":
-        return "winograd" if jax.default_backend() == "cpu" else "grouped"
+        if jax.default_backend() != "cpu":
+            return "grouped"
+        return "winograd" if data_parallel_devices() > 1 else "map"
     return impl
 
 
@@ -484,7 +495,8 @@ class ConvBlockField(VectorField):
     (LeCun-normal kernels with fan-in ``C``, ``9h``, ``h``; zero biases). The field does not
     depend on ``t``.
 
-    ``impl``: ``"auto"`` (default: ``"map"`` on CPU, ``"grouped"`` on GPU/TPU), ``"map"``,
+    ``impl``: ``"auto"`` (default: on CPU ``"winograd"`` with the batch split over several
+    devices, ``"map"`` on one; ``"grouped"`` on GPU/TPU), ``"winograd"``, ``"map"``,
     ``"grouped"``, ``"conv_map"`` or ``"reference"`` — see the module docstring. All compute the
     same function; the fast ones are reverse-mode only (custom VJP).
     """
@@ -528,7 +540,7 @@ class ConvBlockField(VectorField):
         biases, activations and the Winograd transforms. ``executed=False`` (the
         "direct-equivalent" count every rate in the benchmarks uses): all 9 taps everywhere,
         padding included. ``executed=True``: what this field's implementation multiplies —
-        for ``"winograd"`` (and ``"auto"`` on CPU) the 3×3 layer's ``6·H·⌈W/4⌉·3h·h`` products
+        for ``"winograd"`` (and ``"auto"`` where it resolves to it) the 3×3 layer's ``6·H·⌈W/4⌉·3h·h`` products
         instead of ``9·H·W·h·h`` (2× fewer when 4 divides W). A forward + backward w.r.t. x and θ
         costs 3× either (input and kernel gradient of every layer)."""
         c, h, hw = self.channels, self.hidden, self.height * self.width
@@ -570,7 +582,9 @@ class ConvBlockField(VectorField):
                 return batch_map(lambda xw: self._one_image(*xw), (x, w))
             return self._apply_grouped(x, w)
         hid = sigma(x @ w["w1"] + w["b1"])
-        conv = _shared_conv3x3_wino if impl == "winograd" else _shared_conv3x3
+        # shared θ: Winograd only when asked for (its gain was measured for per-sample kernels;
+        # with shared kernels one device's XLA convolution was faster, 70 vs 103 ms per block)
+        conv = _shared_conv3x3_wino if self.impl == "winograd" else _shared_conv3x3
         hid = sigma(conv(hid, w["w2"]) + w["b2"])
         return hid @ w["w3"] + w["b3"]
 

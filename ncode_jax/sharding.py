@@ -27,6 +27,15 @@ def _data_mesh() -> bool:
     return not mesh.empty and BATCH_AXIS in mesh.axis_names
 
 
+def data_parallel_devices() -> int:
+    """How many devices the batch is split over: the size of the active mesh's
+    :data:`BATCH_AXIS` (at trace time, under ``jax.set_mesh``), 1 without such a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names:
+        return 1
+    return int(dict(mesh.shape)[BATCH_AXIS])
+
+
 def batch_map(f: Callable[[Any], Any], xs: Any) -> Any:
     """``lax.map(f, xs)`` over the leading (batch) axis of every leaf of ``xs``; under a mesh with
     a :data:`BATCH_AXIS` axis each device maps over its own rows (the batch must split evenly)."""

@@ -85,7 +85,11 @@ def test_per_sample_conv_matches_naive(impl, dtype, tol):
 
 def test_resolve_impl(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # holds on any machine
-    assert resolve_impl("auto") == "winograd"
+    assert resolve_impl("auto") == "map"  # one device
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+        assert resolve_impl("auto") == "winograd"  # the batch split over 2 devices
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",))):
+        assert resolve_impl("auto") == "map"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_impl("auto") == "grouped"
     assert resolve_impl("map") == "map" and resolve_impl("reference") == "reference"
