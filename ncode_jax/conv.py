@@ -541,8 +541,8 @@ class ConvBlockField(VectorField):
         "direct-equivalent" count every rate in the benchmarks uses): all 9 taps everywhere,
         padding included. ``executed=True``: what this field's implementation multiplies —
         for ``"winograd"`` (and ``"auto"`` where it resolves to it) the 3×3 layer's
-        ``6·H·⌈W/4⌉·3h·h`` products instead of ``9·H·W·h·h`` (2× fewer when 4 divides W). A forward + backward w.r.t. x and θ
-        costs 3× either (input and kernel gradient of every layer)."""
+        ``6·H·⌈W/4⌉·3h·h`` products instead of ``9·H·W·h·h`` (2× fewer when 4 divides W). A
+        forward + backward w.r.t. x and θ costs 3× either (input and kernel gradient of every layer)."""
         c, h, hw = self.channels, self.hidden, self.height * self.width
         conv = 9 * hw * h * h
         if executed and resolve_impl(self.impl) == "winograd":
