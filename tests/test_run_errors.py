@@ -106,7 +106,7 @@ def test_evaluation_of_an_unwritable_workdir_is_one_error_line(tmp_path, capsys)
     from train import autoencode_eval
 
     (tmp_path / "ae").mkdir()
-    (tmp_path / "ae" / "config.json").write_text("{}")
+    (tmp_path / "ae" / "config.json").write_text('{"task": "autoencode", "config": {"model": "ae"}}')
     (tmp_path / "eval").write_text("")  # where the evaluation's directory must go
     assert autoencode_eval.main(["--workdir", str(tmp_path), "--components", "2"]) == 2
     assert _one_error_line(capsys).startswith(f"error: cannot write the evaluation to {tmp_path / 'eval'}")
