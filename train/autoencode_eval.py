@@ -49,7 +49,7 @@ from ncode_jax.models.autoencoder import MODEL_KINDS
 
 from . import autoencode, figures, stats
 from .config import Config, UserError, build, check, check_choice, check_range, parse_overrides, to_dict
-from .engine import error, library_message, load_run, parse_args, quiet_callback_logs
+from .engine import error, library_message, load_run, parse_args, quiet_callback_logs, recorded_runs
 
 DIGIT_SETS = ("mnist5k", "mnist", "digits")
 DIGIT_FID = "digit-feature FID"
@@ -93,18 +93,11 @@ def run_dirs(workdir: Path, models: list[str] | None) -> list[Path]:
     if models is not None and set(models) - set(MODEL_KINDS):
         raise UserError(f"unknown models {sorted(set(models) - set(MODEL_KINDS))}; choose from {MODEL_KINDS}")
     found = []
-    for path in sorted(workdir.glob("**/config.json")):
-        try:
-            record = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if record.get("task") != "autoencode" or path.parent.name == "eval":
-            continue
-        c = record.get("config", {})
-        if models is None or c.get("model") in models:
+    for c, run_dir in recorded_runs(workdir, "autoencode"):
+        if run_dir.name != "eval" and (models is None or c.get("model") in models):
             found.append((MODEL_KINDS.index(c.get("model")) if c.get("model") in MODEL_KINDS else 99,
                           bool(c.get("latent_norm")), c.get("controls_per_row", 2), c.get("seed", 0),
-                          path.parent))
+                          run_dir))
     missing = sorted(set(models or ()) - {MODEL_KINDS[f[0]] for f in found if f[0] < len(MODEL_KINDS)})
     if not found or missing:
         raise UserError(f"{workdir} holds no trained {missing or 'models'} (<model>/config.json written by "

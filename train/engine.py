@@ -489,6 +489,21 @@ def evaluate(task: Task, eval_step, params, extra, dp: parallel.DataParallel) ->
     return {**{k: sum(v) / count for k, v in totals.items()}, **means}
 
 
+def recorded_runs(workdir: str | os.PathLike, task: str) -> list[tuple[dict, Path]]:
+    """``(config, run directory)`` of every run of ``task`` (``"classify"``, ``"autoencode"``, …)
+    recorded under ``workdir`` by its ``config.json``, in path order; unreadable records are
+    skipped."""
+    out = []
+    for path in sorted(Path(workdir).glob("**/config.json")):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("task") == task:
+            out.append((record.get("config", {}), path.parent))
+    return out
+
+
 def load_run(workdir: str | os.PathLike, **overrides) -> Run:
     """The model, trained parameters and config of a run directory of any training script.
 

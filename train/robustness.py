@@ -43,7 +43,7 @@ from ncode_jax.models.image import FLOW_LABELS, IMAGE_KINDS
 
 from . import stats
 from .config import Config, UserError, build, check, parse_overrides, to_dict
-from .engine import error, load_run, markdown_table, parse_args
+from .engine import error, load_run, markdown_table, parse_args, recorded_runs
 
 
 def slack_for(n: int) -> float:
@@ -80,15 +80,10 @@ class RobustnessConfig(Config):
 def run_dirs(workdir: Path, models) -> list[Path]:
     """Every ``train.classify`` run under ``workdir``, ordered by model and seed."""
     found = []
-    for path in sorted(workdir.glob("**/config.json")):
-        try:
-            record = json.loads(path.read_text())
-        except ValueError:
-            continue
-        c = record.get("config", {})
-        if record.get("task") == "classify" and (models is None or c.get("model") in models):
+    for c, run_dir in recorded_runs(workdir, "classify"):
+        if models is None or c.get("model") in models:
             order = IMAGE_KINDS.index(c["model"]) if c.get("model") in IMAGE_KINDS else len(IMAGE_KINDS)
-            found.append((order, c.get("seed", 0), path.parent))
+            found.append((order, c.get("seed", 0), run_dir))
     if not found:
         raise UserError(f"{workdir} holds no trained {list(models) if models else 'classifiers'} "
                         "(<model>/config.json written by python -m train.classify)")
