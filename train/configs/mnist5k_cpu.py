@@ -24,7 +24,7 @@ Expected (N-CODE open, ``num_devices=2``, 2 CPU cores; with 2 devices the conv b
 implementation is Winograd's): 12 NFE per solve, 1,250 training steps, **134–135 s** of wall time
 including an evaluation per epoch, held-out accuracy 96.2%, 96.7%, 97.0% for seeds 0, 1, 2 (on a
 machine whose matmul peak is ~300 GFLOP/s; the same config with the direct ``map`` convolution on
-that machine: 150 s and 97.2% for seed 0, 95.3% for seed 1). On the slower machine of the guide's
+that machine: 150 s, and 97.2%, 95.3%, 96.3%). On the slower machine of the guide's
 table, with ``map``: 97.0%, 97.0%, 97.1% in 233–238 s. One seed's accuracy moves by about ±0.5–1
 point with the order of a sum, so compare seeds together. The guide "Reproducing the paper" has
 all four models. ``--set model=all`` runs NODE, ANODE, ANODE with N-CODE open's parameter count
