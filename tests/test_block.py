@@ -1,30 +1,24 @@
 """NCODEBlock: an N-CODE flow as a Flax layer; the guide's digits CNN trains to >= 90%."""
 
 import re
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import doc_block
 
 import ncode_jax as nc
 
 X64 = False  # as users run Flax models
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "custom-networks.md"
-
-
-def _guide_block(heading: str, index: int) -> str:
-    section = GUIDE.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
 
 
 @pytest.fixture(scope="module")
 def digits_run():
     """Run the guide's digits example in this process (so its jitted step can be inspected)."""
-    code = _guide_block("## An N-CODE layer inside a Flax model", 0)
+    code = doc_block("docs/custom-networks.md", "## An N-CODE layer inside a Flax model", 0)
     assert len([line for line in code.splitlines() if line.strip()]) <= 24
     ns = {"__name__": "readme_digits"}
     import contextlib

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import doc_block
 
 import ncode_jax as nc
 from ncode_jax import ModuleField
@@ -362,17 +363,11 @@ def test_time_dependent_flax_module():
 # ---------------------------------------------------------------------------------------------
 
 
-def _readme_block(heading: str, index: int) -> str:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
-
-
 @pytest.fixture(scope="module")
 def reflection():
-    """The README's ModuleField example, run as written (fresh process, float32): a Flax MLP under
+    """The guide's ModuleField example, run as written (fresh process, float32): a Flax MLP under
     open-loop control and a NODE with the same field, 200 Adam steps each on x ↦ -x."""
-    code = _readme_block("## Control any network", 0)
+    code = doc_block("docs/custom-networks.md", "## A Flax module or a pure function as the field", 0)
     assert len([line for line in code.splitlines() if line.strip()]) <= 22
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).resolve().parents[1])
@@ -380,7 +375,7 @@ def reflection():
     return {k: float(v) for k, v in re.findall(r"(\w+): held-out MSE ([0-9.e+-]+)", out.stdout)}
 
 
-@pytest.mark.slow  # the README example in a subprocess (~15 s); test_toy.py keeps the claim for NCODE
+@pytest.mark.slow  # the guide's example in a subprocess (~15 s); test_toy.py keeps the claim for NCODE
 def test_open_loop_module_field_learns_reflection(reflection):
     assert reflection["open"] < 1e-3, reflection
 
