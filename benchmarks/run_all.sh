@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 if [[ "$DEVICE" == gpu ]]; then  # JAX only: every per-sample conv implementation on the GPU
   run python -m benchmarks.conv_block --device gpu --impls winograd grouped map conv_map --breakdown --tag "$TAG"
 fi
-run python -m benchmarks.toy_step --device "$DEVICE" --repeats 10 --no-backward-count --checkpoints steps --tag "$TAG"
+run python -m benchmarks.toy_step --device "$DEVICE" --repeats 10 --no-backward-count --tag "$TAG"
 run python -m benchmarks.toy_step --device "$DEVICE" --sweep batch --loops closed --solvers rk4 --tag "$TAG"
 if [[ "$DEVICE" == gpu ]]; then  # auto = grouped on GPU; winograd (batched GEMMs) the candidate beside it
   run python -m benchmarks.conv_step --device gpu --kinds open closed --solvers rk4 --impls auto winograd map \
