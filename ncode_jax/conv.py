@@ -373,11 +373,15 @@ def _loop_over_images() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _over_images(f, xs, loop: bool):
+    """``f`` on each image (the leading axis of every leaf of ``xs``): a loop (``batch_map``: per
+    device under a data-parallel mesh) or vectorised (``vmap``)."""
+    return batch_map(f, xs) if loop else jax.vmap(f)(xs)
+
+
 def _per_image(conv, x, w):
     """``out[b] = conv(x[b], w[b])``, looped on CPU, vectorised elsewhere."""
-    if _loop_over_images():
-        return batch_map(lambda xw: conv(*xw), (x, w))
-    return jax.vmap(conv)(x, w)
+    return _over_images(lambda xw: conv(*xw), (x, w), _loop_over_images())
 
 
 def naive_per_sample_conv(
@@ -413,17 +417,15 @@ _MAP_CONV = _BlockConv(
     lambda h, w: _conv_same(h[None], w)[0], lambda g, w: _conv_mm(g, _flip_transpose(w)), _kernel_grad)
 
 
-def _wino_block_conv() -> _BlockConv:
-    return _BlockConv(
-        lambda h, w: _wino_conv(h[None], w)[0],
-        lambda g, w: _wino_conv(g[None], _flip_transpose(w))[0],
-        lambda h, g: _wino_kernel_grad(h[None], g[None]),
-        loop=_loop_over_images(),
-    )
+_WINO_CONV = _BlockConv(
+    lambda h, w: _wino_conv(h[None], w)[0],
+    lambda g, w: _wino_conv(g[None], _flip_transpose(w))[0],
+    lambda h, g: _wino_kernel_grad(h[None], g[None]),
+)
 
 
 def _images(conv: _BlockConv, f, xs):
-    return batch_map(f, xs) if conv.loop else jax.vmap(lambda *a: f(a))(*xs)
+    return _over_images(f, xs, conv.loop)
 
 
 def _block_image(sigma, conv: _BlockConv, x, w):
@@ -577,7 +579,7 @@ class ConvBlockField(VectorField):
             if impl == "map":
                 return _map_block(sigma, _MAP_CONV, x, w)
             if impl == "winograd":
-                return _map_block(sigma, _wino_block_conv(), x, w)
+                return _map_block(sigma, _WINO_CONV._replace(loop=_loop_over_images()), x, w)
             if impl == "conv_map":
                 return batch_map(lambda xw: self._one_image(*xw), (x, w))
             return self._apply_grouped(x, w)

@@ -245,6 +245,18 @@ def test_field_per_sample_is_sample_by_sample(field_fns):
     np.testing.assert_allclose(fast(x, same), fast(x, theta[0]), rtol=1e-12, atol=1e-12)
 
 
+def test_winograd_block_vectorised_over_images(field_fns, monkeypatch):
+    """The per-sample Winograd block with its images vectorised (the accelerator form) equals the
+    reference, values and gradients (float64)."""
+    monkeypatch.setattr(conv_module, "_loop_over_images", lambda: False)
+    field = ConvBlockField(C, H, W, hidden=HID, impl="winograd")
+    x, theta = _normal(16, (B, H, W, C)), _theta(17, B)
+    y, g = _value_and_grads(lambda a, th: field(0.0, a, th), x, theta)
+    ref, ref_grad = field_fns["reference"]
+    np.testing.assert_allclose(y, ref(x, theta), rtol=1e-12, atol=1e-12)
+    assert tree_rel_err(g, ref_grad(x, theta)) < 1e-12
+
+
 @pytest.mark.parametrize("impl", FIELD_IMPLS)
 def test_field_float32(field_fns, impl):
     """float32 values (shared and per-sample θ) and per-sample gradients against the float64
