@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ncode_jax import ConvBlockField
-from ncode_jax.conv import IMPLS, per_sample_conv3x3
+from ncode_jax.conv import per_sample_conv3x3
 
 from .common import add_xla_flag, matmul_peak, time_fn, write_results, xla_options
 
@@ -146,16 +146,20 @@ def main(argv=None):
         return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=xla_options(xla, dev.platform))
 
     variants = {}
+    impl_of = {}  # variant -> the ConvBlockField impl it runs (for its executed FLOPs)
     for xla in dict.fromkeys(args.xla):  # suffix "" = ncode_jax.compiler_options (what training uses)
         sfx = "" if xla == "ncode" else XLA_DEFAULT
         variants[f"shared{sfx}"] = (fwd_bwd(fast, xla), theta)
         variants[f"shared_lax{sfx}"] = (fwd_bwd(ref, xla), theta)
+        impl_of.update({f"shared{sfx}": "map", f"shared_lax{sfx}": "reference"})
         if "winograd" in args.impls:
             wino = ConvBlockField(args.channels, s, s, args.hidden, impl="winograd")
             variants[f"shared_winograd{sfx}"] = (fwd_bwd(wino, xla), theta)
+            impl_of[f"shared_winograd{sfx}"] = "winograd"
         for impl in args.impls:
             field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl)
             variants[f"per_sample_{impl}{sfx}"] = (fwd_bwd(field, xla), theta_b)
+            impl_of[f"per_sample_{impl}{sfx}"] = impl
     conv_only = {}  # --breakdown: the per-sample 3×3 layer alone, forward + backward (x and kernel)
     if args.breakdown:
         h_in = jnp.asarray(rng.standard_normal((b, s, s, args.hidden)), jnp.float32)
@@ -166,6 +170,7 @@ def main(argv=None):
 
             fn = jax.jit(jax.grad(loss3, argnums=(0, 1)), compiler_options=xla_options("ncode", dev.platform))
             conv_only[f"conv3x3_{impl}"] = fn
+            impl_of[f"conv3x3_{impl}"] = impl
         x_of = {k: h_in for k in conv_only}
         th_of = {k: kernels for k in conv_only}
     timed = list(variants) + list(conv_only)
@@ -211,9 +216,7 @@ def main(argv=None):
     conv_flops = 3 * 2 * b * s * s * 9 * args.hidden**2  # the 3×3 layer alone, direct-equivalent
     for name in timed:
         ms = statistics.median(t["median_ms"] for t in rounds[name])
-        impl = name.removeprefix("conv3x3_").removeprefix("per_sample_").removeprefix("shared_")
-        impl = {"shared": "map", "lax": "reference"}.get(name, impl).removesuffix(XLA_DEFAULT)
-        field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl if impl in IMPLS else "map")
+        field = ConvBlockField(args.channels, s, s, args.hidden, impl=impl_of[name])
         if name in conv_only:
             direct, executed = conv_flops, conv_flops - 3 * (field.flops(b) - field.flops(b, executed=True))
         else:

@@ -162,9 +162,10 @@ def build_case(kind, solver, adjoint, *, args, jdev, tdev):
     jax_fns = {}
     for label, impl, ck, xla in jax_variants(adjoint, solver, args):
         kw = dict(solve_kw, checkpoints=ck) if ck is not None else solve_kw
-        clf = _with_impl(clf0, impl)
-        jax_fns[label] = dict(call=make_step(clf, kw, xla), impl=impl, field=clf.flow.field,
-                              resolved_impl=resolve_impl(impl), checkpoints=ck, xla=xla)
+        resolved = resolve_impl(impl, devices=args.devices)  # what the step runs on its devices
+        jax_fns[label] = dict(call=make_step(_with_impl(clf0, impl), kw, xla), impl=impl,
+                              field=_with_impl(clf0, resolved).flow.field, resolved_impl=resolved,
+                              checkpoints=ck, xla=xla)
 
     torch_kw = dict(t1=args.t1, solver=solver, dt=dt, rtol=args.rtol, atol=args.atol,
                     adjoint=adjoint == "backsolve")

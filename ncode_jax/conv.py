@@ -85,19 +85,20 @@ IMPLS = ("auto", "map", "winograd", "grouped", "conv_map", "reference")
 Impl = Literal["auto", "map", "winograd", "grouped", "conv_map", "reference"]
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, devices: int | None = None) -> str:
     """``"auto"`` → on JAX's CPU backend ``"winograd"`` when the batch is split over several
     devices (a data-parallel mesh, :func:`ncode_jax.sharding.data_parallel_devices`; e.g. one
     device per core) and ``"map"`` on one device — the faster of the two measured in each setting
     (module docstring); ``"grouped"`` on any other backend (GPU, TPU: never measured on one;
     ``"winograd"`` is the batched-GEMM candidate). Any other name is returned unchanged after a
-    check. Decided when the field is traced."""
+    check. Decided when the field is traced; ``devices`` overrides the active mesh's count (to
+    ask, outside the mesh, what a step on that many devices runs)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; choose one of {list(IMPLS)}")
     if impl == "auto":
         if jax.default_backend() != "cpu":
             return "grouped"
-        return "winograd" if data_parallel_devices() > 1 else "map"
+        return "winograd" if (data_parallel_devices() if devices is None else devices) > 1 else "map"
     return impl
 
 
@@ -304,7 +305,8 @@ def shared_conv3x3(
     if x.ndim != 4:
         raise ValueError(f"shared_conv3x3: x must be (B, H, W, C), got shape {tuple(x.shape)}")
     _check_kernel(w, x.shape[-1], None, "shared_conv3x3")
-    return (_shared_conv3x3_wino if resolve_impl(impl) == "winograd" else _shared_conv3x3)(x, w)
+    resolve_impl(impl)  # a known name
+    return (_shared_conv3x3_wino if impl == "winograd" else _shared_conv3x3)(x, w)
 
 
 # ---------------------------------------------------------------------------------------------

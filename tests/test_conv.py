@@ -90,6 +90,11 @@ def test_resolve_impl(monkeypatch):
         assert resolve_impl("auto") == "winograd"  # the batch split over 2 devices
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",))):
         assert resolve_impl("auto") == "map"
+    assert resolve_impl("auto", devices=2) == "winograd"  # asked for outside the mesh
+    # the shared-kernel primitive runs Winograd only when asked for by name (as the field does)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+        x, k = _normal(0, (B, H, W, C)), _normal(1, (3, 3, C, 4))
+        assert "dot_general" not in str(jax.make_jaxpr(lambda a, q: shared_conv3x3(a, q))(x, k))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_impl("auto") == "grouped"
     assert resolve_impl("map") == "map" and resolve_impl("reference") == "reference"
