@@ -13,7 +13,7 @@ closed) × solvers (default rk4 with dt = 0.25 on [0, 1]: 16 forward evaluations
 JAX variants: ``--impls`` (the ``ConvBlockField`` implementation, default ``auto``; e.g.
 ``--impls conv_map map`` prints a before/after in one run) × ``--checkpoints`` (for
 the checkpoint adjoint: ``default`` = the library's default (every fixed step stored while the
-states fit ``ncode_jax.solve.STORED_STEPS_MAX_BYTES``), ``steps`` = one checkpoint per step, no
+states fit ``ncode_jax.STORED_STEPS_MAX_BYTES``), ``steps`` = one checkpoint per step, no
 recomputation, ``1`` = diffrax's recomputing loop with one checkpoint, or another number) ×
 ``--xla`` (``ncode``: compiled with
 :func:`ncode_jax.compiler_options`, as the training engine does; ``default``: XLA's defaults);

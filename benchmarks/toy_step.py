@@ -19,7 +19,7 @@ evaluations of the backward pass, the ratio torch/JAX, and both losses as a sani
 
 ``--checkpoints`` sets ``solve(checkpoints=...)`` of the checkpoint adjoint: ``default`` (the
 library's default: every fixed step stored while the states fit
-``ncode_jax.solve.STORED_STEPS_MAX_BYTES``, adaptive steps diffrax's O(log n) checkpoints),
+``ncode_jax.STORED_STEPS_MAX_BYTES``, adaptive steps diffrax's O(log n) checkpoints),
 ``1`` (diffrax's recomputing loop), ``steps`` (one per step: rk4 ``ceil(T/dt)``; dopri5
 :data:`ADAPTIVE_CHECKPOINTS`, more than the toy solves take) or a number.
 

@@ -24,7 +24,17 @@ from .regularizers import (
     regularization,
     regularizer_args,
 )
-from .solve import Solution, SolveConfig, check_options, nfe_count, solve
+from .solve import (
+    STORED_STEPS_MAX_BYTES,
+    Solution,
+    SolveConfig,
+    check_options,
+    fixed_step_count,
+    fixed_step_grid,
+    nfe_count,
+    solve,
+    stored_steps_bytes,
+)
 from .solvers import RK4, SOLVERS
 
 __version__ = "0.1.0"
@@ -34,6 +44,7 @@ __all__ = [
     "NCODEBlock",
     "RK4",
     "SOLVERS",
+    "STORED_STEPS_MAX_BYTES",
     "CombinedCost",
     "ConvBlockField",
     "Dynamics",
@@ -62,8 +73,11 @@ __all__ = [
     "check_options",
     "compiler_options",
     "dense",
+    "fixed_step_count",
+    "fixed_step_grid",
     "mlp_apply",
     "mlp_init",
     "nfe_count",
     "solve",
+    "stored_steps_bytes",
 ]
