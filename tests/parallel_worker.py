@@ -210,7 +210,7 @@ def run_train(workdir: str, out: str, overrides: list[str]) -> None:
     def recording_save(self, step, state):  # observe what this process holds; save as usual
         real_save(self, step, state)
         saves.append(int(step))
-        last["params"] = jax.tree.map(np.asarray, state["params"])
+        last["params"] = jax.tree.map(np.asarray, state["state"].params)
 
     Checkpointer.save = recording_save
     cfg = build(classify.ClassifyConfig, dict(TINY, num_devices=None), parse_overrides(overrides))

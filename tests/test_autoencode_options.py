@@ -22,14 +22,13 @@ def tiny_task(**kw):
 def two_steps(task):
     """Two engine train steps on the task's first batch of each epoch; returns the last state."""
     opt = task.optimizer(task.total_steps)
-    step = jax.jit(engine.make_step(task, opt, jax.random.key(0)))
-    params, extra = task.init(jax.random.key(0))
-    state = opt.init(params)
+    step = jax.jit(engine.make_step(task, opt))
+    state = engine.init_state(task, opt)  # key(seed=0)
     it = task.batches()
     for i in range(2):
-        params, extra, state, loss, _ = step(params, extra, state, i, task.prepare(next(it), i))
-        assert np.isfinite(float(loss))
-    return params, extra, state
+        state, metrics = step(state, task.prepare(next(it), i))
+        assert np.isfinite(float(metrics["loss"]))
+    return state.params, state.extra, state.opt_state
 
 
 def test_latent_norm_normalises_the_code_at_the_decoder_input():

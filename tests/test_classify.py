@@ -37,13 +37,12 @@ def test_loss_decreases_on_fixed_batch(kind, digits_batch):
     cfg = tiny_config(model=kind)
     task = classify.Task(cfg)
     opt = optax.adam(1e-2)
-    train_step = jax.jit(engine.make_step(task, opt, jax.random.key(0)))
-    params, extra = task.init(jax.random.key(0))
-    opt_state = opt.init(params)
+    train_step = jax.jit(engine.make_step(task, opt))
+    state = engine.init_state(task, opt)  # key(seed=0)
     losses = []
-    for i in range(8):
-        params, extra, opt_state, loss, m = train_step(params, extra, opt_state, i, (images, labels))
-        losses.append(float(loss))
+    for _ in range(8):
+        state, m = train_step(state, (images, labels))
+        losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses
     assert int(m["nfe"]) == 2  # euler, dt=0.5 on [0, 1]
     # the second and later calls reuse the compiled step

@@ -272,3 +272,24 @@ def test_a_resume_is_compared_with_what_wrote_the_checkpoint(runs, tmp_path):
         engine.load_run(work / "reflection_open")
     with pytest.raises(UserError, match="different configuration"):
         train_one(cfg(steps=6, hidden=5), work)  # the record, where there is one, is checked first
+
+
+def test_a_checkpoint_of_the_previous_format_is_refused_in_one_line(runs, tmp_path, capsys):
+    """A checkpoint written before the whole train state was saved (format 1: no ``format`` in its
+    manifest) is refused, naming the format, not read as damaged or of another model."""
+    from train import checkpoint
+
+    work, latest = _copy(runs, tmp_path)
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert manifest["format"] == checkpoint.FORMAT == 2
+    del manifest["format"], manifest["check"]
+    manifest["check"] = checkpoint._manifest_check(manifest)  # intact, as the old version wrote it
+    (latest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"step_00000004 is in checkpoint format 1, which this version "
+                                              r"does not read \(it reads format 2\)"):
+        engine.load_run(work / "reflection_open")
+    argv = ["--workdir", str(work), *FLAGS, "--steps", "6", "--solver", "rk4", "--dt", "0.5"]
+    assert toy.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: the checkpoint ") and (
+        "checkpoint format 1" in err and "delete that directory to start over" in err), err

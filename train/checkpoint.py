@@ -1,12 +1,13 @@
 """Checkpoints verified on restore, and an exclusive workdir lock.
 
-Checkpoint ``step_<s>/``: ``arrays.npz`` (the state's leaves) and ``manifest.json`` (step, PyTree
-paths, shapes, dtypes, SHA-256 of ``arrays.npz``, and the run's identity: task and configuration,
+Checkpoint ``step_<s>/``: ``arrays.npz`` (the state's leaves) and ``manifest.json`` (checkpoint
+format :data:`FORMAT`, step, PyTree paths, shapes, dtypes, SHA-256 of ``arrays.npz``, and the run's
+identity: task and configuration,
 so that a resume is compared with what wrote the checkpoint even without the run's record),
 written to a temporary directory, fsynced and renamed (a kill mid-save leaves the older ones
 intact). A failed save raises :class:`CheckpointError` at once (no background threads to hang the
 process). Restore takes the newest intact checkpoint (an older one, with a message, when the
-newest is damaged) and checks identity, paths, shapes and dtypes against the model. Process 0
+newest is damaged) and checks format, identity, paths, shapes and dtypes against the model. Process 0
 alone writes; every process reads.
 """
 
@@ -27,6 +28,11 @@ import jax
 import numpy as np
 
 from .config import UserError
+
+#: the layout of what a checkpoint holds; a checkpoint of another format is refused, not converted.
+#: 1 (no ``format`` in the manifest): parameters, optimizer state and loop counters as loose entries;
+#: 2: the engine's whole :class:`~train.engine.TrainState` with the data position and wall time
+FORMAT = 2
 
 
 class CheckpointError(UserError):
@@ -104,7 +110,8 @@ class Checkpointer:
                 np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays.values())})
                 f.flush()
                 os.fsync(f.fileno())
-            manifest = {"step": int(step), "sha256": _sha256(tmp / "arrays.npz"), "time": time.time(),
+            manifest = {"format": FORMAT, "step": int(step), "sha256": _sha256(tmp / "arrays.npz"),
+                        "time": time.time(),
                         "leaves": [[n, list(a.shape), a.dtype.str] for n, a in arrays.items()],
                         **({} if identity is None else {"identity": identity})}
             manifest["check"] = _manifest_check(manifest)
@@ -152,9 +159,12 @@ class Checkpointer:
         return None
 
     def restore(self, template: Any, same: Any = None) -> Any | None:
-        """The newest intact checkpoint in ``template``'s structure (None if there is none); one
-        of another model (paths, shapes or dtypes differ) raises :class:`CheckpointError`, and so
-        does one whose recorded identity ``same(identity)`` answers with a difference (a string)."""
+        """The newest intact checkpoint in ``template``'s structure (None if there is none).
+
+        ``template``'s leaves need only ``shape`` and ``dtype`` (arrays or ``jax.ShapeDtypeStruct``,
+        e.g. from ``jax.eval_shape``). Raises :class:`CheckpointError` for a checkpoint of another
+        :data:`FORMAT`, of another model (paths, shapes or dtypes differ), or whose recorded
+        identity ``same(identity)`` answers with a difference (a string)."""
         names, values, treedef = _flat(template)
         damaged = []
         for step in self.steps():
@@ -165,7 +175,12 @@ class Checkpointer:
                 print(f"warning: checkpoint {self.directory}/step_{step:08d} is damaged ({e}); "
                       "trying the previous one", file=sys.stderr, flush=True)
                 continue
-            want = [[n, list(np.shape(v)), np.asarray(v).dtype.str] for n, v in zip(names, values)]
+            if manifest.get("format", 1) != FORMAT:
+                raise CheckpointError(
+                    f"the checkpoint {self.directory}/step_{step:08d} is in checkpoint format "
+                    f"{manifest.get('format', 1)}, which this version does not read (it reads format "
+                    f"{FORMAT}); use another workdir, or delete that directory to start over")
+            want = [[n, list(v.shape), np.dtype(v.dtype).str] for n, v in zip(names, values)]
             if manifest["leaves"] != want:
                 got = manifest["leaves"] + [None] * len(want)
                 diff = next((f"{g} vs {w}" for g, w in zip(got, want) if g != w), "extra arrays")

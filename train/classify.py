@@ -171,7 +171,7 @@ def results_table(summaries: list[dict]) -> str:
     return table
 
 
-def report(workdir: Path, tasks, summaries: list[dict]) -> None:
+def report(workdir: Path, tasks, summaries: list[dict], states) -> None:
     from .figures import classification_curves
 
     runs: dict[str, list[Path]] = {}

@@ -113,16 +113,16 @@ def train_extractor(workdir: str | Path, dataset: str = "mnist5k", *, progress: 
     """Train (or resume, or just load when finished) the extractor in ``workdir``; ``overrides``
     are :class:`DigitFeaturesConfig` keys."""
     task = engine.make_task(Task, build(DigitFeaturesConfig, {"dataset": dataset, **overrides}))
-    summary = engine.train_and_evaluate(task, workdir, progress=progress)
+    summary, state = engine.fit(task, workdir, progress=progress)
     info = {**engine.to_dict(task.config), **task.row(), "split": task.config.train_split,
             "num_train": summary["train_examples"], "random_shift": task.shift, "steps": summary["steps"],
             "test_accuracy": summary["test_accuracy"], "train_seconds": summary["wall_time_s"]}
-    return task.variables(*task.trained, info=info)
+    return task.variables(state.params, state.extra, info=info)
 
 
-def report(workdir: Path, tasks, summaries) -> None:
-    task, s = tasks[0], summaries[0]
-    task.variables(*task.trained, info=s).save(workdir / "extractor.npz")
+def report(workdir: Path, tasks, summaries, states) -> None:
+    task, s, state = tasks[0], summaries[0], states[0]
+    task.variables(state.params, state.extra, info=s).save(workdir / "extractor.npz")
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,17 @@
-"""The one run engine under every training script: train state, loop, workdir, CLI.
+"""The one run engine under every training script: train state, step, loop, workdir, CLI.
 
-A task (:class:`Task`) supplies its model, data, loss and evaluation; :func:`train_and_evaluate`
-does the rest for all of them:
+A task (:class:`Task`) supplies its model, data, loss and evaluation; :func:`fit` does the rest
+for all of them:
 
-* **train state** ``{params, extra (e.g. batch statistics), opt_state, step, data (epoch, index),
-  rng, wall_time}``; step keys ``fold_in(key(seed), step)`` and a data order that is a pure
-  function of ``(seed, epoch)`` make a resumed run bit-identical to an uninterrupted one;
-* **loop** — jitted, data-parallel train step; metrics every ``log_every`` steps; evaluation
-  every ``task.eval_every`` steps and at the end; checkpoints every ``checkpoint_every`` steps and
-  after each evaluation; a progress bar;
+* **train state** — :class:`TrainState` ``(step, params, extra (e.g. batch statistics), opt_state,
+  rng)``, one PyTree, built by :func:`init_state` (its shapes, for a restore, by ``jax.eval_shape``
+  of the same function); step keys ``fold_in(rng, step)`` and a data order that is a pure function
+  of ``(seed, epoch)`` make a resumed run bit-identical to an uninterrupted one;
+* **step** — :func:`make_step` gives ``step(state, batch) -> (state, metrics)``;
+  :func:`compile_step` jits it on the data-parallel mesh with the state donated;
+* **loop** — metrics every ``log_every`` steps; evaluation every ``task.eval_every`` steps and at
+  the end; checkpoints (the whole train state, the data position and the wall time) every
+  ``checkpoint_every`` steps and after each evaluation; a progress bar;
 * **workdir** — exclusive lock; ``config.json`` written with the first checkpoint, once config,
   data and checkpoint were accepted; only keys outside each config's ``RESUMABLE`` compared on
   resume; verified checkpoints with fallback; ``metrics.jsonl`` append-only, fsynced before the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -32,12 +36,15 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from tqdm.auto import tqdm
 
 from ncode_jax.data.images import BatchIterator, load_dataset
@@ -242,16 +249,91 @@ def check_recorded_config(workdir: Path, task: Task) -> None:
                         "workdir, or delete that directory to start over")
 
 
-def _template(task: Task, optimizer) -> dict:
+# --- the train state and one step -------------------------------------------------------------
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a training step reads and writes, one PyTree (checkpointed whole).
+
+    ``step``: int32 scalar, the number of steps taken; ``params``: the trained parameters;
+    ``extra``: the model's other state (e.g. batch statistics; ``{}`` if none); ``opt_state``: the
+    optimizer's state; ``rng``: the run's key as ``jax.random.key_data`` (uint32), step ``k``
+    drawing with ``fold_in(rng, k)``, so that a resumed run draws the keys of an uninterrupted one."""
+
+    step: jax.Array
+    params: Any
+    extra: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def key(self) -> jax.Array:
+        """The key of the next step, ``fold_in(rng, step)``."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def init_state(task: Task, optimizer: optax.GradientTransformation) -> TrainState:
+    """The state before the first step: ``task.init(key(seed))`` and the optimizer's first state."""
     key = jax.random.key(task.config.seed)
     params, extra = task.init(key)
-    return {"params": params, "extra": extra, "opt_state": optimizer.init(params),
-            "step": np.asarray(0), "data": {"epoch": np.asarray(0), "index": np.asarray(0)},
-            "rng": np.asarray(jax.random.key_data(key)), "wall_time": np.asarray(0.0)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra,
+                      opt_state=optimizer.init(params), rng=jax.random.key_data(key))
 
 
-def train_and_evaluate(task: Task, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Train ``task`` in ``workdir`` (resuming from its checkpoint), evaluate, return the summary."""
+def make_step(task: Task, optimizer: optax.GradientTransformation):
+    """``step(state, batch) -> (state, metrics)``, not jitted: one ``optimizer`` update on the
+    gradient of ``task.loss`` at the state's key; ``metrics`` are the scalars ``loss`` and the
+    task's training metrics (:meth:`Task.loss`'s)."""
+
+    def step(state: TrainState, batch: tuple) -> tuple[TrainState, dict]:
+        grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+        (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, batch, state.key)
+        # value: the loss, for transformations that read it (optax.contrib.reduce_on_plateau)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            extra=extra, opt_state=opt_state)
+        return new, {"loss": loss, **metrics}
+
+    return step
+
+
+def compile_step(task: Task, optimizer, dp: parallel.DataParallel):
+    """:func:`make_step` compiled on ``dp``'s mesh (batch sharded, state replicated and donated),
+    returning also the largest ``|value|`` of the new parameters (NaN or inf if one is not finite),
+    the engine's watch on them without copying them to the host."""
+    step = make_step(task, optimizer)
+
+    def watched(state: TrainState, batch: tuple) -> tuple[TrainState, dict, jax.Array]:
+        state, metrics = step(state, batch)
+        largest = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(state.params)
+                   if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+        return state, metrics, functools.reduce(jnp.maximum, largest, jnp.zeros(()))
+
+    return dp.jit(watched, batch_argnums=(1,), donate_argnums=(0,))
+
+
+def _saved(state: TrainState, position: dict, wall_time) -> dict:
+    """What a checkpoint holds: the whole train state, the data position (``epoch``, ``index``) and
+    the wall time so far. The one spelling of it: saves and the restore template both use it."""
+    return {"state": state, "data": {k: np.asarray(position[k]) for k in ("epoch", "index")},
+            "wall_time": np.asarray(wall_time, np.float64)}
+
+
+def _template(task: Task, optimizer) -> dict:
+    """Shapes and dtypes of a checkpoint (``jax.eval_shape``: nothing is initialised)."""
+    return _saved(jax.eval_shape(lambda: init_state(task, optimizer)), {"epoch": 0, "index": 0}, 0.0)
+
+
+class Fitted(NamedTuple):
+    """What :func:`fit` returns: the run's summary and its final :class:`TrainState`."""
+
+    summary: dict
+    state: TrainState
+
+
+def fit(task: Task, workdir: str | os.PathLike, *, progress: bool = True) -> Fitted:
+    """Train ``task`` in ``workdir`` (resuming from its checkpoint), evaluate; the summary (also
+    written to ``summary.json``) and the final train state."""
     workdir = Path(workdir)
     dp = parallel.DataParallel.create(getattr(task.config, "num_devices", None))
     try:
@@ -260,110 +342,137 @@ def train_and_evaluate(task: Task, workdir: str | os.PathLike, *, progress: bool
         raise UserError(str(e)) from None
     lock = WorkdirLock(workdir) if dp.is_main else None
     try:
-        return _run(task, workdir, dp, progress)
+        loop = _Loop(task, workdir, dp, progress)
+        state = loop.resume()
+        while loop.step < loop.total:
+            state = loop.advance(state)
+        return Fitted(loop.finish(state), state)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool) -> dict:
-    t_start = time.perf_counter()
-    cfg = task.config
-    check_recorded_config(workdir, task)
-    total = task.total_steps
-    optimizer = task.optimizer(total)
-    ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main, identity=_identity(task))
-    state = ckpt.restore(template := _template(task, optimizer), _differs(task.name, task.config)) or template
-    step, prior_wall = int(state["step"]), float(state["wall_time"])
-    it = task.batches()
-    it.restore({"epoch": int(state["data"]["epoch"]), "index": int(state["data"]["index"])})
-    params, extra, opt_state = dp.replicate((state["params"], state["extra"], state["opt_state"]))
-    rng = jax.random.wrap_key_data(np.asarray(state["rng"]))
+def train_and_evaluate(task: Task, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """:func:`fit`'s summary."""
+    return fit(task, workdir, progress=progress).summary
 
-    train_step = dp.jit(make_step(task, optimizer, rng), batch_argnums=(4,))
-    eval_step = dp.jit(lambda p, e, batch: task.eval_sums(p, e, *batch), batch_argnums=(2,))
-    metrics_path, pending, last_eval = workdir / "metrics.jsonl", [], None
 
-    def wall() -> float:
-        return round(prior_wall + time.perf_counter() - t_start, 2)
+class _Loop:
+    """One run of :func:`fit`: resume, steps with their metrics rows, evaluations, checkpoints
+    (each only after the rows it covers are on disk) and the summary."""
 
-    def save() -> None:  # config.json first: a run that fails before its first save records nothing
-        nonlocal pending
-        record = workdir / "config.json"
-        first = not record.exists() and not ckpt.steps()
-        had_metrics = metrics_path.exists()
+    def __init__(self, task: Task, workdir: Path, dp: parallel.DataParallel, progress: bool):
+        self.t_start, self.prior_wall = time.perf_counter(), 0.0
+        self.task, self.workdir, self.dp, self.progress = task, workdir, dp, progress
+        check_recorded_config(workdir, task)
+        self.total = task.total_steps
+        self.optimizer = task.optimizer(self.total)
+        self.ckpt = Checkpointer(workdir / "checkpoints", write=dp.is_main, identity=_identity(task))
+        self.metrics_path, self.pending, self.last_eval = workdir / "metrics.jsonl", [], None
+        self.it = task.batches()
+        self.failed = StepFailure(task, workdir, init_scale=lambda: _max_abs(
+            task.init(jax.random.key(task.config.seed))[0]))
+        self.train_step = compile_step(task, self.optimizer, dp)
+        self.eval_step = dp.jit(lambda p, e, batch: task.eval_sums(p, e, *batch), batch_argnums=(2,))
+
+    def resume(self) -> TrainState:
+        """The newest checkpoint's state (a fresh one without), placed on the mesh; the data
+        iterator, step and wall time set from it."""
+        task = self.task
+        restored = self.ckpt.restore(_template(task, self.optimizer), _differs(task.name, task.config))
+        if restored is None:
+            state, position = init_state(task, self.optimizer), {"epoch": 0, "index": 0}
+        else:
+            state, position = restored["state"], {k: int(v) for k, v in restored["data"].items()}
+            self.prior_wall = float(restored["wall_time"])
+        self.it.restore(position)
+        self.step, self.scale = int(state.step), _max_abs(state.params)
+        self.saved = self.ckpt.steps()[0] if self.ckpt.steps() else None  # what a failure leaves
+        self.bar = tqdm(total=self.total, initial=min(self.step, self.total), file=sys.stderr,
+                        disable=not (self.progress and self.dp.is_main), dynamic_ncols=True,
+                        desc=" ".join(map(str, task.row().values())))
+        return self.dp.replicate(state)
+
+    def wall(self) -> float:
+        return round(self.prior_wall + time.perf_counter() - self.t_start, 2)
+
+    def advance(self, state: TrainState) -> TrainState:
+        """One training step; its metrics row, evaluation and checkpoint when they are due. The
+        state passed in is donated (its buffers are reused): use the one returned."""
+        task, where = self.task, f"training step {self.step + 1}"
+        batch = self.dp.shard_batch(*task.prepare(next(self.it), self.step))
+        with self.failed.catch(where, self.scale, self.saved):
+            state, metrics, scale = self.train_step(state, batch)
+            loss = float(metrics["loss"])  # waits for the step: a failure is named with its step number
+        if not np.isfinite(loss):
+            raise self.failed.error(where, f"the training loss became {loss}", self.scale, self.saved)
+        self.step, self.scale = self.step + 1, float(scale)
+        self.bar.update(1)
+        if self.step % task.config.log_every == 0 or self.step == self.total:
+            self.bar.set_postfix(loss=f"{loss:.4g}")
+            self.pending.append({**task.row(), "kind": "train", "step": self.step,
+                                 "epoch": self.step / task.steps_per_epoch,
+                                 **{k: float(v) for k, v in metrics.items()}, "wall_time": self.wall()})
+        is_eval = self.step == self.total or (task.eval_every and self.step % task.eval_every == 0)
+        if is_eval:
+            self.last_eval = self.evaluate(state)
+            self.pending.append({**task.row(), "kind": "eval", "step": self.step,
+                                 "epoch": self.step // task.steps_per_epoch, **self.last_eval,
+                                 "wall_time": self.wall()})
+            if self.dp.is_main and self.progress:
+                self.bar.write(task.describe(self.step, self.last_eval))
+        if is_eval or self.step % task.config.checkpoint_every == 0:
+            if not np.isfinite(self.scale):  # never save parameters that cannot be resumed
+                raise self.failed.error(where, "the parameters became NaN or inf", self.scale, self.saved)
+            self.save(state)
+        return state
+
+    def evaluate(self, state: TrainState) -> dict:
+        with self.failed.catch(f"the evaluation after step {self.step}", self.scale, self.saved):
+            return evaluate(self.task, self.eval_step, state.params, state.extra, self.dp)
+
+    def save(self, state: TrainState) -> None:
+        """The run's record (``config.json`` first: a run that fails before its first save records
+        nothing), the pending metrics rows, then the checkpoint of this step."""
+        record = self.workdir / "config.json"
+        first = not record.exists() and not self.ckpt.steps()
+        had_metrics = self.metrics_path.exists()
         failed = None
         try:
-            if dp.is_main:
-                _write_json(record, {"task": task.name, "config": to_dict(cfg)})
-                append_rows(metrics_path, pending)
-            pending = []
-            _save_checkpoint(it.state())
+            if self.dp.is_main:
+                _write_json(record, {"task": self.task.name, "config": to_dict(self.task.config)})
+                append_rows(self.metrics_path, self.pending)
+            self.pending = []
+            self.ckpt.save(self.step, _saved(state, self.it.state(), self.wall()))
         except (CheckpointError, OSError) as e:
             failed = e if isinstance(e, CheckpointError) else CheckpointError(
-                f"cannot write the run's record in {workdir}: {e.strerror or e}")
-            if first and dp.is_main:  # nothing to resume: leave the workdir as the command found it
+                f"cannot write the run's record in {self.workdir}: {e.strerror or e}")
+            if first and self.dp.is_main:  # nothing to resume: leave the workdir as the command found it
                 record.unlink(missing_ok=True)
                 if not had_metrics:
-                    metrics_path.unlink(missing_ok=True)
+                    self.metrics_path.unlink(missing_ok=True)
         # process 0 alone writes: every process must learn that it failed, or the others would wait
         # in the next step's collectives for a process that has gone
         if _any_process(failed is not None):
-            raise failed or CheckpointError(f"process 0 could not save step {step} in {workdir} "
+            raise failed or CheckpointError(f"process 0 could not save step {self.step} in {self.workdir} "
                                             "(its own error line says why)")
+        self.saved = self.step
 
-    def _save_checkpoint(st) -> None:
-        ckpt.save(step, {"params": params, "extra": extra, "opt_state": opt_state, "step": np.asarray(step),
-                         "data": {"epoch": np.asarray(st["epoch"]), "index": np.asarray(st["index"])},
-                         "rng": state["rng"], "wall_time": np.asarray(wall())})
-
-    bar = tqdm(total=total, initial=min(step, total), disable=not (progress and dp.is_main),
-               desc=" ".join(map(str, task.row().values())), file=sys.stderr, dynamic_ncols=True)
-    saved = ckpt.steps()[0] if ckpt.steps() else None  # what a failure leaves to resume from
-    failed = StepFailure(task, workdir, init_scale=_max_abs(template["params"]))
-    while step < total:
-        batch = dp.shard_batch(*task.prepare(next(it), step))
-        with failed.catch(f"training step {step + 1}", params, saved):
-            out = train_step(params, extra, opt_state, step, batch)
-            value = float(out[3])  # waits for the step: a failure is named with its step number
-        if not np.isfinite(value):
-            raise failed.error(f"training step {step + 1}", f"the training loss became {value}", params,
-                               saved)
-        params, extra, opt_state, loss, metrics = out
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total:
-            loss, metrics = value, {k: float(v) for k, v in metrics.items()}
-            bar.set_postfix(loss=f"{loss:.4g}")
-            pending.append({**task.row(), "kind": "train", "step": step,
-                            "epoch": step / task.steps_per_epoch, "loss": loss, **metrics,
-                            "wall_time": wall()})
-        is_eval = step == total or (task.eval_every and step % task.eval_every == 0)
-        if is_eval:
-            with failed.catch(f"the evaluation after step {step}", params, saved):
-                last_eval = evaluate(task, eval_step, params, extra, dp)
-            pending.append({**task.row(), "kind": "eval", "step": step,
-                            "epoch": step // task.steps_per_epoch, **last_eval, "wall_time": wall()})
-            if dp.is_main and progress:
-                bar.write(task.describe(step, last_eval))
-        if is_eval or step % cfg.checkpoint_every == 0:
-            if not np.isfinite(_max_abs(params)):  # never save parameters that cannot be resumed
-                raise failed.error(f"training step {step}", "the parameters became NaN or inf", params, saved)
-            save()
-            saved = step
-    bar.close()
-    if last_eval is None:  # a finished run resumed: evaluate its final parameters once more
-        with failed.catch(f"the evaluation after step {step}", params, saved):
-            last_eval = evaluate(task, eval_step, params, extra, dp)
-    summary = {**task.row(), "steps": step, "finished": step >= total, **last_eval, "wall_time_s": wall(),
-               "num_params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
-               "train_examples": int(task.train.images.shape[0]),
-               "test_examples": int(task.test.images.shape[0]),
-               "num_devices": dp.num_devices, "num_processes": jax.process_count()}
-    if dp.is_main:
-        _write_json(workdir / "summary.json", summary)
-    task.trained = (params, extra)  # for reports drawn right after training (figures)
-    return summary
+    def finish(self, state: TrainState) -> dict:
+        """The summary (written to ``summary.json``); a finished run resumed is evaluated once more."""
+        self.bar.close()
+        if self.last_eval is None:
+            self.last_eval = self.evaluate(state)
+        task = self.task
+        summary = {**task.row(), "steps": self.step, "finished": self.step >= self.total, **self.last_eval,
+                   "wall_time_s": self.wall(),
+                   "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
+                   "train_examples": int(task.train.images.shape[0]),
+                   "test_examples": int(task.test.images.shape[0]),
+                   "num_devices": self.dp.num_devices, "num_processes": jax.process_count()}
+        if self.dp.is_main:
+            _write_json(self.workdir / "summary.json", summary)
+        return summary
 
 
 def _any_process(flag: bool) -> bool:
@@ -416,13 +525,14 @@ class StepFailure:
     non-finite -> the learning rate; else the solver's step budget (the message names
     ``max_steps``) -> that config key; otherwise the library's own message names it."""
 
-    def __init__(self, task: Task, workdir: Path, *, init_scale: float):
-        self.task, self.workdir, self.init_scale = task, workdir, init_scale
+    def __init__(self, task: Task, workdir: Path, *, init_scale: Callable[[], float]):
+        self.task, self.workdir, self._init_scale, self.init_scale = task, workdir, init_scale, None
 
     @contextlib.contextmanager
-    def catch(self, where: str, params, saved: int | None):
+    def catch(self, where: str, scale: float, saved: int | None):
         """Inside: a library check that fails (or XLA running out of memory) becomes
-        :class:`TrainingFailed` naming ``where``; ``params`` are the inputs of what failed."""
+        :class:`TrainingFailed` naming ``where``; ``scale`` is the largest ``|value|`` of the
+        parameters that what failed was given."""
         try:
             yield
         except UserError:
@@ -433,13 +543,16 @@ class StepFailure:
                 raise  # not a failure of the computation's checks: a bug, with its traceback
             what = found if found else ("out of memory: " + str(e).splitlines()[0] +
                                                  " (lower batch_size or the number of steps)")
-            raise self.error(where, what, params, saved) from None
+            raise self.error(where, what, scale, saved) from None
 
-    def error(self, where: str, what: str, params, saved: int | None) -> TrainingFailed:
+    def error(self, where: str, what: str, scale: float, saved: int | None) -> TrainingFailed:
+        """The failure of ``where`` (``what`` failed; the parameters' largest ``|value|`` was
+        ``scale``; ``saved``: the step of the intact checkpoint) with its likely cause."""
         cfg = self.task.config
         keys = leaves(type(cfg))
         budget = min((k for k, (path, _) in keys.items() if path[-1] == "max_steps"), key=len, default=None)
-        scale = _max_abs(params)
+        if self.init_scale is None:  # only a failure needs it: the initial parameters, rebuilt
+            self.init_scale = self._init_scale()
         what = what.split("; raise it with")[0]  # the library's advice names solve()'s argument
         if not np.isfinite(scale) or scale > 100 * max(self.init_scale, 1e-6):
             lr = f"lr={cfg.lr} " if hasattr(cfg, "lr") else ""
@@ -458,20 +571,6 @@ class StepFailure:
                 else f"nothing was saved in {self.workdir}")
         cause = "" if cause is None else f"; likely cause: {cause}"
         return TrainingFailed(f"{where} failed: {what.rstrip('.')}{cause}; {kept}")
-
-
-def make_step(task: Task, optimizer, rng):
-    """The train step ``(params, extra, opt_state, step, batch) -> (params, extra, opt_state, loss,
-    metrics)`` (not jitted) with the step's key ``fold_in(rng, step)``."""
-
-    def step_fn(params, extra, opt_state, step, batch):
-        grad_fn = jax.value_and_grad(task.loss, has_aux=True)
-        (loss, (metrics, extra)), grads = grad_fn(params, extra, batch, jax.random.fold_in(rng, step))
-        # value: the loss, for transformations that read it (optax.contrib.reduce_on_plateau)
-        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
-        return optax.apply_updates(params, updates), extra, opt_state, loss, metrics
-
-    return step_fn
 
 
 def evaluate(task: Task, eval_step, params, extra, dp: parallel.DataParallel) -> dict:
@@ -527,11 +626,12 @@ def load_run(workdir: str | os.PathLike, **overrides) -> Run:
     recorded = build(task_cls.config_class, record["config"])
     task = task_cls(build(task_cls.config_class, record["config"], overrides))
     optimizer = task.optimizer(task.total_steps)
-    state = ckpt.restore(_template(task, optimizer), _differs(record["task"], recorded))
-    if state is None:
+    restored = ckpt.restore(_template(task, optimizer), _differs(record["task"], recorded))
+    if restored is None:
         raise UserError(f"{workdir} holds no checkpoint")
-    step = int(state["step"])
-    return Run(task.model, task.variables(state["params"], state["extra"]), task.config, step,
+    state = restored["state"]
+    step = int(state.step)
+    return Run(task.model, task.variables(state.params, state.extra), task.config, step,
                step >= task.total_steps, task)
 
 
@@ -596,7 +696,8 @@ def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir
     hold several seeds; under a lock on ``workdir``), then write ``summary.json``
     (:func:`train.stats.summary`: the runs, each with its ``seed`` and ``run_dir`` relative to
     ``workdir``, per-group mean ± std over seeds and the paired differences of
-    ``task_class.compare``), ``results.md`` (``table(runs)``) and call ``report``. Returns the runs'
+    ``task_class.compare``), ``results.md`` (``table(runs)``) and call ``report(workdir, tasks,
+    summaries, states)`` (``states``: each run's final :class:`TrainState`). Returns the runs'
     summaries."""
     from . import stats
 
@@ -612,11 +713,12 @@ def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir
                         "give each run its own configuration")
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        summaries = [{**train_and_evaluate(t, where(t), progress=progress), "seed": t.config.seed,
-                      "run_dir": where(t).relative_to(workdir).as_posix()} for t in tasks]
+        fitted = [fit(t, where(t), progress=progress) for t in tasks]
     finally:
         if lock is not None:
             lock.release()
+    summaries = [{**f.summary, "seed": t.config.seed, "run_dir": where(t).relative_to(workdir).as_posix()}
+                 for t, f in zip(tasks, fitted, strict=True)]
     if jax.process_index() == 0:
         keys = list(tasks[0].row()) if tasks else []
         try:
@@ -625,7 +727,7 @@ def run_configs(task_class, configs: list, workdir: str | os.PathLike, *, subdir
             raise UserError(str(e)) from None
         (Path(workdir) / "results.md").write_text(table(summaries) + "\n")
         if report is not None:
-            report(Path(workdir), tasks, summaries)
+            report(Path(workdir), tasks, summaries, [f.state for f in fitted])
     return summaries
 
 

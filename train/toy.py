@@ -180,14 +180,14 @@ def _name(task: Task) -> str:
     return f"{task.config.problem}_{task.config.model}"
 
 
-def report(workdir: Path, tasks: list[Task], summaries: list[dict]) -> None:
+def report(workdir: Path, tasks: list[Task], summaries: list[dict], states: list[engine.TrainState]) -> None:
     """The figures' arrays (of the first seed of each problem and model) and the figures."""
     done = set()
-    for task in tasks:
+    for task, state in zip(tasks, states, strict=True):
         if _name(task) in done:
             continue
         done.add(_name(task))
-        np.savez(workdir / f"{_name(task)}_eval.npz", **_evaluation_arrays(task, task.trained[0]))
+        np.savez(workdir / f"{_name(task)}_eval.npz", **_evaluation_arrays(task, state.params))
     if tasks and all(t.config.figures for t in tasks):
         from .figures import make_figures
 
