@@ -33,12 +33,14 @@ name         source     splits                shape     labels
 * **tfds** sets are read with ``tfds.data_source(..., download=False)`` — no TensorFlow needed to
   *read* — from a dataset prepared beforehand in the ``array_record`` format (preparation needs
   the network and TensorFlow; see :class:`DatasetNotPreparedError`). Before anything else the
-  builder's ``is_prepared()`` is checked, so a missing dataset fails in milliseconds instead of
-  sitting in download retries. Official splits are used; tfds slicing works
-  (``"train[:10000]"``, ``"test[:10%]"``). tensorflow-datasets is an optional extra
-  (``pip install -e ".[tfds]"``) and is imported only when a tfds set is asked for. Inside
-  ``tfds.testing.mock_data(...)`` the prepared-check is skipped (the mock serves random
-  examples of the right shapes for any dataset, prepared or not).
+  data source is opened without downloading, so a missing dataset fails in milliseconds instead
+  of sitting in download retries; when it cannot be opened or read, the builder (public tfds
+  API: ``is_prepared()``, ``data_dir``, ``data_dir_root``, ``info.file_format``) says why: not
+  prepared, prepared in a format without random access, or damaged. Official splits are used;
+  tfds slicing works (``"train[:10000]"``, ``"test[:10%]"``). tensorflow-datasets is an optional
+  extra (``pip install -e ".[tfds]"``) and is imported only when a tfds set is asked for. Inside
+  ``tfds.testing.mock_data(...)`` the mock's data source serves random examples of the right
+  shapes for any dataset, prepared or not, and is read like a real one.
 * **celeb_a** images (218×178) are centre-cropped to 140×140 and resized to 64×64 with PIL's
   antialiased bilinear filter — the preprocessing of the WAE/RAE papers whose architectures the
   N-CODE paper adopts (appendix A.5). In memory, the full train split (162,770 images) takes
@@ -154,7 +156,6 @@ KNOWN_DATASETS = tuple(_SPECS)
 
 # tfds file formats that support random access (``tfds.data_source``).
 _RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
-_TFDS_READ_CHUNK = 1024
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -413,14 +414,6 @@ def _import_tfds() -> Any:
         ) from e
 
 
-def _tfds_is_mocked(tfds: Any) -> bool:
-    """True inside ``tfds.testing.mock_data()``, which replaces ``DatasetBuilder.__init__`` by a
-    function of ``tensorflow_datasets.testing``; mocked builders report ``is_prepared() == False``
-    although ``data_source`` serves (random) examples."""
-    init = tfds.core.DatasetBuilder.__init__
-    return getattr(init, "__module__", "").startswith("tensorflow_datasets.testing")
-
-
 def _prepare_hint(name: str, d: str) -> str:
     return (
         "On a machine with network access (building needs TensorFlow too: pip install "
@@ -448,28 +441,31 @@ def _damaged(name: str, data_dir: str | None, e: BaseException) -> DatasetNotPre
         "incomplete or damaged (an interrupted copy?); copy the prepared directory again, whole")
 
 
-def _check_prepared(tfds: Any, name: str, data_dir: str | None) -> None:
+def _why_unreadable(tfds: Any, name: str, data_dir: str | None, e: BaseException) -> DatasetNotPreparedError:
+    """Why tfds could not open or read ``name`` (``e``): not prepared, prepared in a format without
+    random access, or damaged (an interrupted copy), each with what to do."""
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         prepared = builder.is_prepared()
-    except _DAMAGED as e:
-        raise _damaged(name, data_dir, e) from None
-    # The root actually searched: data_dir, else $TFDS_DATA_DIR or ~/tensorflow_datasets.
-    root = str(data_dir or getattr(builder, "_data_dir_root", None) or "~/tensorflow_datasets")
+    except _DAMAGED as found:
+        return _damaged(name, data_dir, found)
+    # the root actually searched: data_dir, else $TFDS_DATA_DIR or ~/tensorflow_datasets
+    root = str(data_dir or builder.data_dir_root)
     if not prepared:
-        raise DatasetNotPreparedError(
+        return DatasetNotPreparedError(
             f"tfds dataset {name!r} is not prepared: looked for version {builder.version} in "
             f"{builder.data_dir} (data_dir={data_dir!r}). This machine has no network and "
             f"nothing is downloaded here.\n{_prepare_hint(name, root)}"
         )
     fmt = getattr(builder.info.file_format, "value", str(builder.info.file_format))
     if fmt not in _RANDOM_ACCESS_FORMATS:
-        raise DatasetNotPreparedError(
+        return DatasetNotPreparedError(
             f"tfds dataset {name!r} is prepared in {builder.data_dir} in the {fmt!r} format, "
             f"which tfds.data_source cannot read (it needs one of {_RANDOM_ACCESS_FORMATS}; "
             f"reading {fmt!r} needs tfds.load and TensorFlow). Rebuild it.\n"
             f"{_prepare_hint(name, root)}"
         )
+    return _damaged(name, data_dir, e)
 
 
 def _celeb_a_image(image: np.ndarray) -> np.ndarray:
@@ -487,41 +483,35 @@ def _load_tfds(
     name: str, split: str, spec: _Spec, data_dir: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     tfds = _import_tfds()
-    mocked = _tfds_is_mocked(tfds)
-    if not mocked:
-        _check_prepared(tfds, name, data_dir)
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         n = len(source)
     except _DAMAGED as e:
         if isinstance(e, ValueError) and "split" in str(e).lower():
             raise  # an unknown split: load_dataset names the known ones
-        raise _damaged(name, data_dir, e) from None
+        raise _why_unreadable(tfds, name, data_dir, e) from None
     if n == 0:
         raise ValueError(f"dataset {name!r} split {split!r} is empty")
     images = np.empty((n, *spec.image_shape), np.float32)
     labels = np.zeros(n, np.int64)
     attributes = np.zeros((n, len(CELEB_A_ATTRIBUTES)), bool) if name == "celeb_a" else None
-    for start in range(0, n, _TFDS_READ_CHUNK):
-        keys = list(range(start, min(start + _TFDS_READ_CHUNK, n)))
-        # tfds's mock serves __getitem__ but its __getitems__ is broken (unbound self).
+    for i in range(n):
         try:
-            examples = [source[k] for k in keys] if mocked else source.__getitems__(keys)
+            ex = source[i]  # one record at a time: the DataSource protocol's __getitem__
         except _DAMAGED as e:  # a truncated record file
             raise _damaged(name, data_dir, e) from None
-        for i, ex in zip(keys, examples, strict=True):
-            img = np.asarray(ex["image"])
-            if name == "celeb_a":
-                img = _celeb_a_image(img)
-                attributes[i] = [bool(ex["attributes"][a]) for a in CELEB_A_ATTRIBUTES]
-            else:
-                labels[i] = int(ex["label"])
-            if img.shape != spec.image_shape:
-                raise ValueError(
-                    f"dataset {name!r} split {split!r}: example {i} has shape {img.shape}, "
-                    f"expected {spec.image_shape}"
-                )
-            images[i] = img
+        img = np.asarray(ex["image"])
+        if name == "celeb_a":
+            img = _celeb_a_image(img)
+            attributes[i] = [bool(ex["attributes"][a]) for a in CELEB_A_ATTRIBUTES]
+        else:
+            labels[i] = int(ex["label"])
+        if img.shape != spec.image_shape:
+            raise ValueError(
+                f"dataset {name!r} split {split!r}: example {i} has shape {img.shape}, "
+                f"expected {spec.image_shape}"
+            )
+        images[i] = img
     images /= np.float32(255.0)
     return images, labels, attributes
 
