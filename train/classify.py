@@ -107,25 +107,25 @@ class Task(engine.Task):
     def optimizer(self, total_steps):
         return make_optimizer(self.config, total_steps)
 
-    def loss(self, params, extra, batch, key):
-        sums, sol = self._sums(params, *batch, 1.0, self.train_model,
-                               cost_args=nc.regularizer_args(self.cost, key))
-        n = len(batch[1])
-        metrics = {"accuracy": sums["test_accuracy"] / n, "nfe": sums["test_nfe"]}
-        if self.cost is None:
-            return sums["test_loss"] / n, (metrics, extra)
-        reg = jnp.mean(sol.cost)  # the probes come from the step's key fold_in(rng, step): replayed
-        return sums["test_loss"] / n + reg, ({**metrics, "reg": reg}, extra)
-
-    def _sums(self, params, images, labels, mask, model, **extra):
+    def _per_example(self, model, params, images, labels, **extra):
+        """Cross-entropy and correctness of each example ``(N,)``, and the flow's solution."""
         logits, sol = model(params, images, **self.config.solve.kwargs(), **extra)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = jnp.argmax(logits, -1) == labels
-        return {"test_loss": jnp.sum(losses * mask), "test_accuracy": jnp.sum(correct * mask),
-                "test_nfe": sol.stats["nfe"]}, sol
+        return losses, (jnp.argmax(logits, -1) == labels).astype(losses.dtype), sol
+
+    def loss(self, params, extra, batch, key):
+        losses, correct, sol = self._per_example(self.train_model, params, *batch,
+                                                 cost_args=nc.regularizer_args(self.cost, key))
+        metrics = {"accuracy": jnp.mean(correct), "nfe": sol.stats["nfe"]}
+        if self.cost is None:
+            return jnp.mean(losses), (metrics, extra)
+        reg = jnp.mean(sol.cost)  # the probes come from the step's key fold_in(rng, step): replayed
+        return jnp.mean(losses) + reg, ({**metrics, "reg": reg}, extra)
 
     def eval_sums(self, params, extra, images, labels, mask):
-        return self._sums(params, images, labels, mask, self.model)[0]
+        losses, correct, sol = self._per_example(self.model, params, images, labels)
+        return {"test_loss": jnp.sum(losses * mask), "test_accuracy": jnp.sum(correct * mask),
+                "test_nfe": sol.stats["nfe"]}
 
     def describe(self, step, ev):
         return (f"{self.config.model} epoch {step // self.steps_per_epoch}: test accuracy "
