@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +21,13 @@ import numpy as np
 import optax
 
 import ncode_jax as nc
-from ncode_jax.data import toy as toy_data
+from ncode_jax.data import BatchIterator
+from ncode_jax.data.toy import toy_split
 from ncode_jax.models import FlowClassifier
-from ncode_jax.models.image import FLOW_LABELS
 
 from . import engine, stats
 from .config import Config, SolveConfig, check_choice, check_range
+from .labels import FLOW_LABELS
 
 PROBLEMS = ("reflection", "annuli")
 MODELS = ("node", "anode", "open", "closed")
@@ -88,22 +88,26 @@ class Task(engine.Task):
         reg_flow = self.flow.with_running_cost(self.cost)
         self.train_model = FlowClassifier(reg_flow, 2) if cfg.problem == "annuli" else reg_flow
         k_train, k_test = jax.random.split(jax.random.key(cfg.seed + 1000))
-        make = toy_data.reflection if cfg.problem == "reflection" else toy_data.annuli
-        (x, y), (xt, yt) = make(k_train, cfg.n_train), make(k_test, cfg.n_test)
-        if cfg.problem == "reflection":  # the target is -x: keep labels 1-D as batches expect
-            y, yt = y[:, 0], yt[:, 0]
-        self.train = SimpleNamespace(images=np.asarray(x), labels=np.asarray(y))
-        self.test = SimpleNamespace(images=np.asarray(xt), labels=np.asarray(yt))
+        self.train = toy_split(cfg.problem, k_train, cfg.n_train, "train")
+        self.test = toy_split(cfg.problem, k_test, cfg.n_test, "test")
         self.metric = "mse" if cfg.problem == "reflection" else "accuracy"
 
-    steps_per_epoch, eval_every = 1, 0  # one full batch per step; evaluate at the end
+    @property
+    def steps_per_epoch(self) -> int:
+        """One full batch per step."""
+        return 1
 
     @property
-    def total_steps(self):
+    def total_steps(self) -> int:
         return self.config.steps
 
-    def batches(self):
-        return engine.BatchIterator(self.train, self.config.n_train, seed=0, shuffle=False)
+    @property
+    def eval_every(self) -> int:
+        """Evaluate at the end only."""
+        return 0
+
+    def batches(self) -> BatchIterator:
+        return BatchIterator(self.train, self.config.n_train, seed=0, shuffle=False)
 
     def init(self, key):
         return self.model.init(key), {}

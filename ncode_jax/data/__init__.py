@@ -8,15 +8,17 @@ from .images import (
     load_dataset,
     make_dataset,
 )
-from .toy import annuli, reflection
+from .toy import ToySplit, annuli, reflection, toy_split
 
 __all__ = [
     "Batch",
     "BatchIterator",
     "Dataset",
     "DatasetNotPreparedError",
+    "ToySplit",
     "annuli",
     "load_dataset",
     "make_dataset",
     "reflection",
+    "toy_split",
 ]

@@ -5,13 +5,18 @@
 * :func:`annuli` — two classes in ℝ²: a disk ``|x| < r_inner`` (label 0) inside an annulus
   ``r_outer[0] < |x| < r_outer[1]`` (label 1). No homeomorphism of the plane makes them
   linearly separable.
+
+:func:`toy_split` draws one split of either as a :class:`ToySplit` (host arrays) for training.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray, Shaped
 
 
 def reflection(key: PRNGKeyArray, n: int) -> tuple[Array, Array]:
@@ -45,3 +50,41 @@ def annuli(
     x = jnp.stack([radius * jnp.cos(angle), radius * jnp.sin(angle)], axis=-1)
     perm = jax.random.permutation(k_p, n)
     return x[perm], labels[perm]
+
+
+#: the toy problems by name
+PROBLEMS = {"reflection": reflection, "annuli": annuli}
+
+
+class ToySplit(NamedTuple):
+    """One split of a toy problem, in memory. Its fields are named as an image
+    :class:`~ncode_jax.data.Dataset`'s, so that :class:`~ncode_jax.data.BatchIterator` and the
+    training engine batch both alike.
+
+    Attributes:
+        images: ``(n, d)`` float32 points (``d`` = 1 for reflection, 2 for annuli).
+        labels: ``(n,)`` float32 target ``-x`` (reflection) or int32 class (annuli).
+        name: the problem, a key of :data:`PROBLEMS`.
+        split: ``"train"`` or ``"test"``.
+    """
+
+    images: Float[np.ndarray, "n d"]
+    labels: Shaped[np.ndarray, " n"]
+    name: str
+    split: str
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.images.shape[0])
+
+
+def toy_split(problem: str, key: PRNGKeyArray, n: int, split: str = "train") -> ToySplit:
+    """``n`` points of ``problem`` (a key of :data:`PROBLEMS`) drawn with ``key``, as host arrays;
+    reflection's target ``-x`` as 1-D labels. Raises ValueError for an unknown problem or ``n``
+    too small for it."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"unknown toy problem {problem!r}; known: {', '.join(PROBLEMS)}")
+    x, y = PROBLEMS[problem](key, n)
+    if problem == "reflection":
+        y = y[:, 0]
+    return ToySplit(np.asarray(x), np.asarray(y), problem, split)
