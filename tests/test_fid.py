@@ -163,14 +163,15 @@ def digit_extractor(tmp_path_factory):
 
 def test_digit_classifier_accuracy_and_features(digit_extractor, digits):
     train, test = digits
-    acc = digit_extractor.accuracy(test)
+    acc = digit_extractor.accuracy(test.images, test.labels)
     assert acc >= 0.9, acc  # held-out sklearn digits
     assert digit_extractor.name == DIGIT_FID_NAME == "digit-feature FID"
     f = digit_extractor.features(test.images[:37], batch_size=16)  # padded last batch
     assert f.shape == (37, digit_extractor.feature_dim) and f.dtype == np.float32
     np.testing.assert_allclose(f, digit_extractor.features(test.images[:37]), rtol=1e-5, atol=1e-5)
     # the standardised copy of the same split gives the same accuracy
-    assert digit_extractor.accuracy(load_dataset("digits", "test", normalize=True)) == pytest.approx(acc)
+    standardised = load_dataset("digits", "test", normalize=True)
+    assert digit_extractor.accuracy(standardised.pixels01(), standardised.labels) == pytest.approx(acc)
     assert digit_extractor.info["dataset"] == "digits" and digit_extractor.info["train_seconds"] > 0
 
 
@@ -220,7 +221,8 @@ def test_digit_extractor_bad_input(digit_extractor, digits):
 @pytest.mark.slow
 def test_digit_classifier_on_mnist5k(tmp_path):
     ext = train_extractor(tmp_path, "mnist5k", epochs=10)
-    assert ext.accuracy(load_dataset("mnist5k", "test")) >= 0.95
+    test = load_dataset("mnist5k", "test")
+    assert ext.accuracy(test.images, test.labels) >= 0.95
 
 
 # ------------------------------------------------------------------------------------------------

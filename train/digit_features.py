@@ -20,7 +20,7 @@ import optax
 
 from ncode_jax.data.augment import random_shift
 from ncode_jax.data.images import KNOWN_DATASETS
-from ncode_jax.metrics.digit_features import DigitFeatureExtractor, init_params, logits, pixels01
+from ncode_jax.metrics.digit_features import DigitFeatureExtractor, init_params, logits
 
 from . import engine
 from .config import Config, build, check_choice, check_range
@@ -64,8 +64,8 @@ class Task(engine.Task):
         train, test = self.train, self.test
         if train.num_classes < 2:
             raise ValueError(f"dataset {c.dataset!r} has {train.num_classes} class(es); need >= 2")
-        self.train = train._replace(images=pixels01(train), normalized=False)
-        self.test = test._replace(images=pixels01(test), normalized=False)
+        self.train = train._replace(images=train.pixels01(), normalized=False)
+        self.test = test._replace(images=test.pixels01(), normalized=False)
         ch = train.image_shape[2]
         self.mean = tuple(float(m) for m in train.mean) * (ch if len(train.mean) == 1 else 1)
         self.std = tuple(float(s) for s in train.std) * (ch if len(train.std) == 1 else 1)

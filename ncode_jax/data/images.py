@@ -197,6 +197,12 @@ class Dataset(NamedTuple):
     def num_examples(self) -> int:
         return int(self.images.shape[0])
 
+    def pixels01(self) -> np.ndarray:
+        """The images ``(n, h, w, c)`` with values in ``[0, 1]`` (``normalize=True`` undone)."""
+        if not self.normalized:
+            return self.images
+        return self.images * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+
 
 def make_dataset(
     images: np.ndarray,

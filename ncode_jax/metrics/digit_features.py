@@ -20,9 +20,9 @@ trained like every other model of the project, on the run engine: ``train/digit_
 
 Pixel convention: :meth:`DigitFeatureExtractor.features` takes images with values in ``[0, 1]``
 (``load_dataset(..., normalize=False)``, or decoder outputs). Values far outside (below -0.5 or
-above 1.5) raise, because they are almost always standardised images passed by mistake;
-:meth:`~DigitFeatureExtractor.accuracy` accepts a :class:`~ncode_jax.data.images.Dataset` in
-either convention and undoes the standardisation.
+above 1.5) raise, because they are almost always standardised images passed by mistake
+(``Dataset.pixels01()`` undoes the standardisation). Like every metric of the package, it takes
+arrays, not the data layer's types.
 
 Usage::
 
@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..compiler import jit
-from ..data.images import Dataset
 from .batching import map_batches
 from .fid import fid_from_features
 
@@ -102,15 +101,6 @@ def logits(params: dict, images, mean, std):
 
 _features_jit = jit(_features)
 _logits_jit = jit(logits)
-
-
-def pixels01(dataset: Dataset) -> np.ndarray:
-    """The dataset's images in [0, 1] (undoing ``normalize=True``)."""
-    if not dataset.normalized:
-        return dataset.images
-    mean = np.asarray(dataset.mean, np.float32)
-    std = np.asarray(dataset.std, np.float32)
-    return dataset.images * std + mean
 
 
 @dataclass(frozen=True)
@@ -183,10 +173,14 @@ class DigitFeatureExtractor:
     def predict(self, images, *, batch_size: int = 1000) -> np.ndarray:
         return self.logits(images, batch_size=batch_size).argmax(axis=-1)
 
-    def accuracy(self, dataset: Dataset, *, batch_size: int = 1000) -> float:
-        """Fraction of ``dataset`` classified correctly (either pixel convention)."""
-        pred = self.predict(pixels01(dataset), batch_size=batch_size)
-        return float(np.mean(pred == dataset.labels))
+    def accuracy(self, images, labels, *, batch_size: int = 1000) -> float:
+        """Fraction of ``images`` ``(N, H, W, C)`` in [0, 1] classified as their ``labels``
+        ``(N,)`` int; a ValueError for other shapes or pixel ranges (see :meth:`features`)."""
+        pred = self.predict(images, batch_size=batch_size)
+        labels = np.asarray(labels)
+        if labels.shape != pred.shape:
+            raise ValueError(f"{DIGIT_FID_NAME}: {pred.shape[0]} images but labels of shape {labels.shape}")
+        return float(np.mean(pred == labels))
 
     def fid(self, images_a, images_b, *, batch_size: int = 1000) -> float:
         """The digit-feature FID between two image sets (each ``(N, H, W, C)`` in [0, 1], N >= 2)."""
