@@ -28,11 +28,12 @@ import optax
 
 import ncode_jax as nc
 from ncode_jax.data.images import KNOWN_DATASETS
-from ncode_jax.models.autoencoder import LIKELIHOODS, MODEL_KINDS, MODEL_LABELS, autoencoder
+from ncode_jax.models.autoencoder import LIKELIHOODS, MODEL_KINDS, autoencoder
 from ncode_jax.models.coders import ARCHITECTURES, architecture
 
 from . import engine, stats
 from .config import Config, SolveConfig, check_choice, check_range
+from .labels import AUTOENCODER_LABELS
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def make_optimizer(cfg: AutoencodeConfig, steps_per_epoch: int) -> optax.Gradien
 
 def label(row: dict) -> str:
     """Display name of a run: the model, ``+ latent norm`` and the control count when not 2 per row."""
-    out = MODEL_LABELS[row["model"]]
+    out = AUTOENCODER_LABELS[row["model"]]
     k = row.get("controls_per_row", 2)
     if k != 2:
         out += " (diagonal A: n controls)" if k == 1 else f" ({k} controls per row)"

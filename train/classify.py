@@ -30,10 +30,11 @@ import optax
 import ncode_jax as nc
 from ncode_jax.data.augment import random_shift
 from ncode_jax.data.images import KNOWN_DATASETS
-from ncode_jax.models.image import FLOW_LABELS, IMAGE_KINDS, image_classifier
+from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 
 from . import engine, stats
 from .config import Config, SolveConfig, check_choice, check_range
+from .labels import FLOW_LABELS
 
 
 @dataclass(frozen=True)

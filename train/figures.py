@@ -13,9 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ncode_jax.models.image import FLOW_LABELS as LABELS  # noqa: E402
-
 from .engine import read_metrics  # noqa: E402
+from .labels import FLOW_LABELS as LABELS  # noqa: E402
 
 
 def save(fig, out: Path, dpi: int = 110) -> Path:

@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ncode_jax.models.image import FLOW_LABELS, IMAGE_KINDS
+from ncode_jax.models.image import IMAGE_KINDS
 
 from . import stats
 from .config import Config, UserError, build, check, parse_overrides, to_dict
 from .engine import error, load_run, markdown_table, parse_args, recorded_runs
+from .labels import FLOW_LABELS
 
 
 def slack_for(n: int) -> float:

@@ -22,9 +22,6 @@ from ..ncode import NCODE
 from .classifier import FlowClassifier
 
 IMAGE_KINDS = ("node", "anode", "anode_matched", "open", "closed")
-#: display names of the flow models (tables and figures)
-FLOW_LABELS = {"node": "NODE", "anode": "ANODE", "anode_matched": "ANODE (open's parameters)",
-               "open": "N-CODE open", "closed": "N-CODE closed"}
 
 
 def image_classifier(
