@@ -44,15 +44,23 @@ class Config:
         return build(cls, config)
 
 
+#: the shipped config files: loaded as modules of this package, so that they import each other
+#: relatively, whichever name the package has (``train`` in the repository, or its installed name)
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 def load_config_file(path: str | Path) -> dict:
     """The dict returned by ``get_config()`` of the Python file at ``path``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config {path}: " + ("is a directory" if path.is_dir() else "no such file"))
     try:
-        spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        if path.resolve().parent == CONFIGS and path.stem.isidentifier():
+            module = importlib.import_module(f"{__package__}.configs.{path.stem}")
+        else:
+            spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
         config = dict(module.get_config())
     except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported as such
         raise UserError(f"--config {path}: cannot load it ({type(e).__name__}: {e})") from None

@@ -53,9 +53,9 @@ from . import parallel
 from .checkpoint import Checkpointer, CheckpointError, WorkdirLock, host_array
 from .config import UserError, build, leaves, load_config_file, parse_overrides, to_dict
 
-#: run-record name -> module defining ``Task`` (for :func:`load_run`)
-TASKS = {"toy": "train.toy", "classify": "train.classify", "autoencode": "train.autoencode",
-         "digit_features": "train.digit_features"}
+#: run-record name -> module of this package defining ``Task`` (for :func:`load_run`)
+TASKS = {"toy": ".toy", "classify": ".classify", "autoencode": ".autoencode",
+         "digit_features": ".digit_features"}
 
 
 class Task:
@@ -622,7 +622,7 @@ def load_run(workdir: str | os.PathLike, **overrides) -> Run:
         raise UserError(f"{workdir} holds no run (no config.json, and no checkpoint that records its run)")
     if not isinstance(record, dict) or record.get("task") not in TASKS:
         raise UserError(f"{path}: not written by a training script of this version")
-    task_cls = importlib.import_module(TASKS[record["task"]]).Task
+    task_cls = importlib.import_module(TASKS[record["task"]], __package__).Task  # train or its installed name
     recorded = build(task_cls.config_class, record["config"])
     task = task_cls(build(task_cls.config_class, record["config"], overrides))
     optimizer = task.optimizer(task.total_steps)

@@ -19,7 +19,7 @@ outputs (two non-zeros per row, as in sec. 5.3, so that AutoN-CODE and the VAE h
 parameter counts), and the decoder starts from a 16×16 map (see ``ncode_jax.models.coders``).
 """
 
-from train.configs.autoencode_cifar10_paper import get_config as _cifar10
+from .autoencode_cifar10_paper import get_config as _cifar10
 
 
 def get_config() -> dict:

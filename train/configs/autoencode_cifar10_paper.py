@@ -10,7 +10,7 @@ Needs the tfds ``cifar10`` set prepared. Commands (a GPU machine)::
 Paper (figure 9): Inception FID of AutoN-CODE samples on CIFAR-10 down to 24.19.
 """
 
-from train.configs.autoencode_mnist5k_cpu import get_config as _cpu
+from .autoencode_mnist5k_cpu import get_config as _cpu
 
 
 def get_config() -> dict:

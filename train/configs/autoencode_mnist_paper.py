@@ -13,7 +13,7 @@ table A.1 lists 25: ``--set controls_per_row=1``), no latent normalisation (not 
 Inception FIDs (figure 9).
 """
 
-from train.configs.autoencode_mnist5k_cpu import get_config as _cpu
+from .autoencode_mnist5k_cpu import get_config as _cpu
 
 
 def get_config() -> dict:

@@ -6,7 +6,7 @@ the tfds ``cifar10`` set prepared; the backsolve adjoint, as there. Command (a G
 Paper's result: NODE 53.7%, ANODE 60.6%, N-CODE open 66.7% test accuracy.
 """
 
-from train.configs.mnist_paper import get_config as _mnist
+from .mnist_paper import get_config as _mnist
 
 
 def get_config() -> dict:

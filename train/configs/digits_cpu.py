@@ -12,7 +12,7 @@ Command (every model, 5 seeds; results, commands and wall times in ``docs/experi
         --set model=all --set seed=0,1,2,3,4 --set num_devices=1
 """
 
-from train.configs.mnist5k_cpu import get_config as _mnist5k
+from .mnist5k_cpu import get_config as _mnist5k
 
 
 def get_config() -> dict:

@@ -17,7 +17,7 @@ toy problem, docs/design.md); no GPU measurement of accuracy or memory at equal 
 yet, so switch to ``--set adjoint=checkpoint`` if such a measurement favours it.
 """
 
-from train.configs.mnist5k_cpu import get_config as _cpu
+from .mnist5k_cpu import get_config as _cpu
 
 
 def get_config() -> dict:
