@@ -211,18 +211,22 @@ def results_table(results: list[dict], components) -> str:
     return table
 
 
-def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
-    """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
-    unless ``cfg.allow_unfinished``, and then labelled UNFINISHED in every output."""
-    dirs = run_dirs(workdir, cfg.models)
+def _output_dir(workdir: Path) -> Path:
+    """``workdir/eval``, checked writable before hours of evaluation (one error line if not)."""
     out = workdir / "eval"
-    try:  # before hours of evaluation: a workdir it cannot write to is one error line
+    try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write the evaluation to {out}: {e.strerror or e}") from None
+    return out
+
+
+def _shared_data(dirs: list[Path], cfg: EvalConfig) -> autoencode.Task:
+    """The data of the runs in ``dirs`` (all on the same dataset and test split, else UserError),
+    checked against the mixtures' component counts."""
     record = json.loads((dirs[0] / "config.json").read_text())
     cfg0 = build(autoencode.AutoencodeConfig, record["config"])
     for d in dirs[1:]:
@@ -231,27 +235,38 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
             raise UserError(f"{d} was trained on {other.get('dataset')} {other.get('test_split')}, "
                             f"{dirs[0]} on {cfg0.dataset} {cfg0.test_split}: evaluate them separately")
     data = autoencode.Task(cfg0)
-    train, test = data.train, data.test
-    n_fit = test.num_examples if cfg.fit_split == "test" else train.num_examples
+    n_fit = data.test.num_examples if cfg.fit_split == "test" else data.train.num_examples
     too_many = [k for k in cfg.components if k > n_fit]
     if too_many:
         raise ValueError(f"cannot fit Gaussian mixtures with {too_many} components to the {n_fit} latent "
                          f"codes of the {cfg.fit_split} split: use at most {n_fit} components")
+    return data
+
+
+def _load_runs(workdir: Path, dirs: list[Path], allow_unfinished: bool) -> tuple[dict, list[str]]:
+    """``{run directory: load_run(it)}`` and the unfinished ones' descriptions (a UserError unless
+    ``allow_unfinished``)."""
     runs = {d: load_run(d) for d in dirs}
     unfinished = [f"{d.relative_to(workdir)} (step {r.step} of {r.task.total_steps})" for d, r in runs.items()
                   if not r.finished]
-    if unfinished and not cfg.allow_unfinished:
+    if unfinished and not allow_unfinished:
         raise UserError(f"{workdir} holds unfinished runs: {', '.join(unfinished)}; re-run train.autoencode "
                         "to finish them, or pass --allow-unfinished to evaluate them labelled as such")
-    features = Features(workdir, cfg0.dataset, cfg0.data_dir, cfg.inception_weights)
-    real_feats = features(test.images) if features.name is not None else None
-    results, arrays = [], {}  # arrays: label -> the figures' arrays of the group's first seed
-    for d in dirs:
+    return runs, unfinished
+
+
+def _evaluate_runs(workdir: Path, runs: dict, data, features: Features, cfg: EvalConfig, out: Path
+                   ) -> tuple[list[dict], dict]:
+    """:func:`evaluate_model` of every run (the samples figure of each group's first seed); the
+    results and, per group label, the figures' arrays of its first seed."""
+    real_feats = features(data.test.images) if features.name is not None else None
+    results, arrays = [], {}
+    for d, loaded in runs.items():
         rel = d.relative_to(workdir).as_posix()
         print(f"evaluating {rel} ...", file=sys.stderr, flush=True)
-        label = autoencode.label(runs[d].task.row())
-        res, arr = evaluate_model(runs[d], train, test, features, real_feats, components=cfg.components,
-                                  n_samples=cfg.samples, fit_split=cfg.fit_split,
+        label = autoencode.label(loaded.task.row())
+        res, arr = evaluate_model(loaded, data.train, data.test, features, real_feats,
+                                  components=cfg.components, n_samples=cfg.samples, fit_split=cfg.fit_split,
                                   kde_bandwidth=cfg.kde_bandwidth, seed=cfg.seed, controls=cfg.controls,
                                   figures=label not in arrays)
         results.append({**res, "run_dir": rel})
@@ -260,7 +275,11 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
         arrays[label] = arr
         figures.plot_rows(f"{res['label']}: random samples per latent sampler", arr["samples"],
                           out / f"samples_{rel.split('/')[0]}.png")
-    # figures
+    return results, arrays
+
+
+def _draw_figures(arrays: dict, test, cfg: EvalConfig, out: Path, n_figure: int) -> None:
+    """The latent orbit of the first AutoN-CODE, interpolations and the t-SNE of the codes."""
     rng = np.random.default_rng(cfg.seed)
     pick = rng.choice(test.num_examples, size=n_figure, replace=False)
     flows = [a for a in arrays.values() if a["model"].kind == "ncode"]
@@ -290,10 +309,22 @@ def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
         panels[name] = (emb, a["gmm10"].predict(codes), test.labels[sub])
         print(f"t-SNE of {name}: {time.perf_counter() - t_tsne:.1f} s", file=sys.stderr, flush=True)
     figures.plot_tsne(panels, out / "tsne.png")
+
+
+def run(workdir: Path, cfg: EvalConfig, n_figure: int = 8) -> list[dict]:
+    """Evaluate every trained model of ``workdir``; unfinished runs are refused (UserError)
+    unless ``cfg.allow_unfinished``, and then labelled UNFINISHED in every output."""
+    dirs = run_dirs(workdir, cfg.models)
+    out = _output_dir(workdir)
+    data = _shared_data(dirs, cfg)
+    runs, unfinished = _load_runs(workdir, dirs, cfg.allow_unfinished)
+    features = Features(workdir, data.config.dataset, data.config.data_dir, cfg.inception_weights)
+    results, arrays = _evaluate_runs(workdir, runs, data, features, cfg, out)
+    _draw_figures(arrays, data.test, cfg, out, n_figure)
     rows = [flat(r) for r in results]
     fids = sorted({k for r in rows for k in r if k.startswith("fid")})
     meta = {"workdir": str(workdir), "unfinished": unfinished, **to_dict(cfg), "fid_name": features.name,
-            "test_examples": test.num_examples, "feature_extractor": getattr(features, "info", None),
+            "test_examples": data.test.num_examples, "feature_extractor": getattr(features, "info", None),
             "results": results,
             "aggregate": stats.aggregate(rows, autoencode.KEYS),
             "paired": [p for m in ["test_mse", *fids] for p in stats.paired(rows, autoencode.KEYS, m)]}
