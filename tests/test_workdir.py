@@ -293,3 +293,28 @@ def test_a_checkpoint_of_the_previous_format_is_refused_in_one_line(runs, tmp_pa
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: the checkpoint ") and (
         "checkpoint format 1" in err and "delete that directory to start over" in err), err
+
+
+def test_the_train_state_is_one_pytree_checkpointed_whole_and_donated_to_the_step(runs):
+    from train import parallel
+
+    task = toy.Task(cfg(steps=4))
+    optimizer = task.optimizer(task.total_steps)
+    state = engine.init_state(task, optimizer)
+    shapes = jax.eval_shape(lambda: engine.init_state(task, optimizer))
+    assert jax.tree.structure(shapes) == jax.tree.structure(state)
+    # the checkpoint holds the whole state (and the data position and wall time), nothing else
+    manifest = json.loads((runs / "partial" / "reflection_open" / "checkpoints" / "step_00000004" /
+                           "manifest.json").read_text())
+    saved = {name for name, *_ in manifest["leaves"]}
+    want = {"['state']" + jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert saved == want | {"['data']['epoch']", "['data']['index']", "['wall_time']"}
+    assert {".step", ".rng"} <= {n[len("['state']"):] for n in want}
+    dp = parallel.DataParallel.create(1)
+    step = engine.compile_step(task, optimizer, dp)
+    placed = dp.replicate(state)
+    batch = dp.shard_batch(*task.prepare(next(task.batches()), 0))
+    new, metrics, largest = step(placed, batch)
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss"])) and "mse" in metrics
+    assert float(largest) == max(float(np.max(np.abs(x))) for x in jax.tree.leaves(new.params))
+    assert all(x.is_deleted() for x in jax.tree.leaves(placed))  # donated: its buffers were reused
