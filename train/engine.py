@@ -63,7 +63,9 @@ class Task:
 
     Subclasses set ``name`` (a key of :data:`TASKS`), ``config_class`` and, in ``__init__``,
     ``self.config``, ``self.model``, ``self.train`` and ``self.test`` (datasets with ``images``
-    and ``labels`` arrays), and define :meth:`init`, :meth:`loss` and :meth:`eval_sums`."""
+    and ``labels`` arrays, first axis the examples: :class:`~ncode_jax.data.Dataset`,
+    :class:`~ncode_jax.data.ToySplit`), and define :meth:`init`, :meth:`loss` (the training loss
+    and metrics) and :meth:`eval_sums` (held-out sums)."""
 
     name: str
     config_class: type

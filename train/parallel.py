@@ -248,7 +248,9 @@ class DataParallel:
         axis and every other argument and every output replicated, traced under the mesh (so batch
         loops in the model stay per device), compiled with :func:`ncode_jax.compiler_options` of the
         mesh's backend; ``.lower(*args)`` for HLO inspection. ``fn`` may already be jitted (the
-        outer shardings then govern)."""
+        outer shardings then govern). The arguments in ``donate_argnums`` are donated: their
+        buffers are reused for the outputs, and the caller must use the outputs instead (the
+        engine donates its train state)."""
 
         opts = compiler_options(self.backend)  # here, not under the mesh: its probe compiles
 
