@@ -96,7 +96,10 @@ class VectorField:
 
     def evaluate(self, t, x: Array, theta: Array) -> Array:
         """``dx/dt`` without checks: what a solve calls at every stage (it checked ``x0`` and θ0
-        once, where they entered)."""
+        once, where they entered). A field that defines its own ``__call__`` (and no
+        ``evaluate``) is evaluated through it."""
+        if type(self).__call__ is not VectorField.__call__:
+            return self(t, x, theta)
         return self.apply(t, x, self.layout.unflatten(theta))
 
     def apply(self, t, x: Array, w: dict[str, Array]) -> Array:  # pragma: no cover - abstract

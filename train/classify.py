@@ -118,7 +118,7 @@ class Task(engine.Task):
         return sums["test_loss"] / n + reg, ({**metrics, "reg": reg}, extra)
 
     def _sums(self, params, images, labels, mask, model, **extra):
-        logits, sol = model(params, images, **self.config.solve.kwargs(), **extra)
+        logits, sol = model(params, images, config=self.config.solve, **extra)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = jnp.argmax(logits, -1) == labels
         return {"test_loss": jnp.sum(losses * mask), "test_accuracy": jnp.sum(correct * mask),
