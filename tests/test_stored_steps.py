@@ -7,7 +7,6 @@ Python floats there too), and fall back to diffrax where it does not apply."""
 import importlib
 import sys
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,27 +103,6 @@ def test_one_step_of_dt_just_short_of_t1_is_two_steps(dtype, t0, t1, dt):
     for how in ({}, {"adjoint": "stored"}, {"checkpoints": 4}):
         sol = model(params, X0.astype(dtype), solver="rk4", t0=t0, t1=t1, dt=dt, **how)
         assert int(sol.stats["num_steps"]) == 2 and bool(jnp.all(jnp.isfinite(sol.x)))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fixed_step_grid_is_diffrax_grid(dtype):
-    rng = np.random.default_rng(0)
-    cases = [(0.0, 1.0, 0.3), (0.0, 1.0, 1 / 3), (0.0, 1.0, 0.33333333), (0.0, 1.0, 0.999999),
-             (0.0, 1.0, 1.5), (0.2, -0.5, 0.25), (1.0, 0.0, 0.3), (0.0, 0.7, 0.1),
-             (0.1, 0.8, 0.7), (0.3, 0.1, 0.2), (1.0, 0.1, 0.9)]  # t0 + dt just short of t1: 2 steps
-    cases += list(zip(rng.uniform(-2, 2, 12), rng.uniform(-2, 2, 12), rng.uniform(0.02, 1.5, 12)))
-    term = diffrax.ODETerm(lambda t, y, a: jnp.ones_like(y))
-    steps = jax.jit(lambda t0, t1, dt0: diffrax.diffeqsolve(  # times traced: one compilation
-        term, diffrax.Euler(), t0, t1, dt0, jnp.zeros(1, dtype), max_steps=256,
-        saveat=diffrax.SaveAt(steps=True)).ts)
-    for t0, t1, dt in cases:
-        t0, t1, dt = (*(float(np.asarray(t, dtype)) for t in (t0, t1)), float(dt))  # solve's own types
-        ts = np.asarray(steps(*(jnp.asarray(v, dtype) for v in (t0, t1, dt if t1 > t0 else -dt))))
-        want = np.concatenate([[t0], ts[np.isfinite(ts)]]).astype(dtype)
-        grid = SOLVE.fixed_step_grid(t0, t1, dt, dtype)
-        assert grid.dtype == dtype and grid.shape == want.shape, (t0, t1, dt, grid, want)
-        assert SOLVE.fixed_step_count(t0, t1, dt, dtype) == len(want) - 1
-        np.testing.assert_array_max_ulp(grid, want, maxulp=1)  # rounding the fused multiply-add twice
 
 
 def test_stored_steps_gradient_matches_finite_differences():

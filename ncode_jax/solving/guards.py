@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
+
 def error_token(preds: Array, msgs: tuple[str, ...]) -> Array:
     """A scalar 0 that raises ``msgs[i]`` for the first true ``preds[i]`` (one conditional).
 

@@ -122,4 +122,5 @@ def _check_gradients(adjoint: str, x0, theta0, args: DynamicsArgs):
                                 f"({adjoint} adjoint)")
 
     return (check(x0, "x0"), check(theta0, "theta0"),
-            args._replace(feedback=check(args.feedback, "feedback"), cost_args=check(args.cost_args, "cost_args")))
+            args._replace(feedback=check(args.feedback, "feedback"),
+                          cost_args=check(args.cost_args, "cost_args")))

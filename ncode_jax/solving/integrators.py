@@ -25,6 +25,7 @@ from ..dynamics import Dynamics, DynamicsArgs, State
 from .adjoints import diffrax_adjoint
 from .guards import not_finite
 
+
 class Outcome(NamedTuple):
     """What an integrator saw: the state ``ys`` (in the state's dtype; at ``t1`` or at the save
     times), diffrax-style step counts ``stats``, whether the solver reported success (``ok``) or
@@ -195,7 +196,9 @@ def integrate(plan, dynamics: Dynamics, x0: Array, theta0: Array, args: Dynamics
         return integrate_stored(term, plan.info.make(), plan.grid, z0, args, plan.dtype, s1, dt0), theta_const
     s_ts = None
     if times.ts is not None:
-        s_ts = times.ts if not shifted else jnp.clip(times.ts - times.t0, jnp.minimum(s1, 0), jnp.maximum(s1, 0))
+        s_ts = times.ts
+        if shifted:
+            s_ts = jnp.clip(times.ts - times.t0, jnp.minimum(s1, 0), jnp.maximum(s1, 0))
     if cfg.adjoint == "backsolve":
         # backsolve differentiates no time (refused before), and takes them as non-differentiable
         # arguments: the zero tangents the checks give them under jax.checkpoint/nn.remat must go

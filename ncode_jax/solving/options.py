@@ -76,7 +76,8 @@ def _finite_scalar(xp, a):
 def _tolerance_rules(name: str) -> tuple[Rule, ...]:
     return (
         Rule((), lambda xp, v: not _real_number(v[name]),
-             lambda v, k: f"{name} must be a real number, got {type(v[name]).__name__} {v[name]!r}", TypeError),
+             lambda v, k: f"{name} must be a real number, got {type(v[name]).__name__} {v[name]!r}",
+         TypeError),
         Rule((name,), lambda xp, v: ~_finite_scalar(xp, v[name]) | xp.any(xp.asarray(v[name]) < 0),
              lambda v, k: f"{name} must be a finite number >= 0" + _got(v, k, name)),
     )
@@ -170,6 +171,10 @@ def _saves(v) -> bool:
     return v["ts"] is not None
 
 
+def _outside(xp, v):
+    return xp.any((v["ts"] < xp.minimum(v["t0"], v["t1"])) | (v["ts"] > xp.maximum(v["t0"], v["t1"])))
+
+
 def _direction(xp, v):
     return xp.sign(xp.asarray(v["t1"], v["tdtype"]) - xp.asarray(v["t0"], v["tdtype"]))
 
@@ -188,10 +193,10 @@ SOLVE_RULES: tuple[Rule, ...] = (
          lambda v, k: "ts is empty: pass at least one save time, or ts=None for x(t1) only", applies=_saves),
     Rule(("ts",), lambda xp, v: ~xp.all(xp.isfinite(v["ts"])),
          lambda v, k: "ts contains NaN or inf (the save times must be finite)", applies=_saves),
-    Rule(("ts", "t0", "t1"),
-         lambda xp, v: xp.any((v["ts"] < xp.minimum(v["t0"], v["t1"])) | (v["ts"] > xp.maximum(v["t0"], v["t1"]))),
+    Rule(("ts", "t0", "t1"), _outside,
          lambda v, k: "ts must lie in [t0, t1]" + (
-             f" = {_interval(v, k)}, got {np.min(v['ts'])} to {np.max(v['ts'])}" if k else ""), applies=_saves),
+             f" = {_interval(v, k)}, got {np.min(v['ts'])} to {np.max(v['ts'])}" if k else ""),
+         applies=_saves),
     Rule(("ts", "t0", "t1"), lambda xp, v: xp.any(xp.diff(xp.asarray(v["ts"])) * _direction(xp, v) < 0),
          lambda v, k: "ts must run in the direction of integration (increasing if t1 > t0, decreasing if "
                       "t1 < t0)", applies=_saves),

@@ -95,7 +95,9 @@ def make_plan(config: SolveConfig, x0, theta0, ts) -> Plan:
     plan = Plan(config, info, x0.dtype, tdtype, span, None, 0, "diffrax", None, ts)
     enforce(SOLVE_RULES, plan.values(span=_traced_marker(span)), traced=False)
     _warn_backsolve(config, info)
-    fixed = fixed_step_count(0.0, span, config.dt, tdtype) if config.dt is not None and span is not None else None
+    fixed = None  # diffrax's number of fixed steps, when known at trace time
+    if config.dt is not None and span is not None:
+        fixed = fixed_step_count(0.0, span, config.dt, tdtype)
     max_steps = config.max_steps or (fixed if fixed is not None else DEFAULT_ADAPTIVE_MAX_STEPS)
     integrator = _integrator(config, info, fixed, max_steps, ts, x0, theta0)
     grid = fixed_step_grid(0.0, span, config.dt, tdtype) if integrator == "stored_steps" else None
@@ -131,7 +133,9 @@ def _integrator(config: SolveConfig, info: SolverInfo, fixed: int | None, max_st
         if why:
             raise ValueError(f"adjoint='stored' cannot run this solve: {why}")
         return "stored_steps"
-    if config.adjoint != "checkpoint" or config.checkpoints is not None or _stored_impossible(fixed, max_steps, ts):
+    if config.adjoint != "checkpoint" or config.checkpoints is not None:
+        return "diffrax"
+    if _stored_impossible(fixed, max_steps, ts):
         return "diffrax"
     fits = stored_steps_bytes(fixed, info.stages, x0, theta0) <= STORED_STEPS_MAX_BYTES
     return "stored_steps" if fits else "diffrax"
