@@ -8,7 +8,7 @@ from .block import NCODEBlock
 from .compiler import compiler_options
 from .control import Feedback, Hypernetwork, StaticInit, augment
 from .conv import ConvBlockField
-from .dynamics import Dynamics, State
+from .dynamics import Dynamics, DynamicsArgs, State
 from .fields import LinearField, MLPField, SparseLinearField, VectorField, dense
 from .layout import ParamLayout, ParamSpec
 from .module_field import ModuleField, ModuleLayout
@@ -48,6 +48,7 @@ __all__ = [
     "CombinedCost",
     "ConvBlockField",
     "Dynamics",
+    "DynamicsArgs",
     "Feedback",
     "Hypernetwork",
     "JacobianFrobenius",

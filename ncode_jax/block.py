@@ -27,7 +27,7 @@ from jaxtyping import Array
 
 from .fields import VectorField
 from .ncode import KINDS, NCODE
-from .solve import SolveConfig
+from .solving.options import SolveConfig
 
 __all__ = ["NCODEBlock"]
 
@@ -42,7 +42,7 @@ class NCODEBlock(nn.Module):
       kind: ``node``, ``anode``, ``open`` (θ(0) = γ(x(0))), ``closed`` or ``open_closed``.
       augment: zero channels appended to the last axis (ANODE-style).
       hidden, feedback_hidden: widths of γ and g.
-      solve: the solver settings, a :class:`~ncode_jax.solve.SolveConfig` (validated when built).
+      solve: the solver settings, a :class:`~ncode_jax.SolveConfig` (validated when built).
       return_stats: return ``(x(T), stats)`` instead of ``x(T)``.
       param_dtype: dtype of the ``ncode`` parameters (float32).
 
@@ -92,6 +92,6 @@ class NCODEBlock(nn.Module):
             raise ValueError(f"NCODEBlock expects a batch (B, *data_shape), got shape {tuple(x.shape)}")
         model = self.ncode(tuple(x.shape[1:]))
         params = self.param("ncode", lambda key: model.init(key, self.param_dtype))
-        sol = model(params, x, **self.solve.kwargs())
+        sol = model(params, x, config=self.solve)
         self.sow("intermediates", "solve_stats", sol.stats)
         return (sol.x, sol.stats) if self.return_stats else sol.x

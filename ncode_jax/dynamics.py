@@ -12,8 +12,9 @@
   ``‖f‖²``, Jacobian norms through ``jax.jvp(field_fn, ...)``) reuse the evaluation of ``f``
   that the step already made.
 
-Everything differentiable travels in ``args`` (a dict with keys ``theta``, ``feedback``,
-``cost``), never in closures (docs/design.md, "Parameters through args").
+Everything differentiable travels in ``args``, a :class:`DynamicsArgs` (the constant θ, the
+feedback parameters, the running cost's arguments), never in closures (docs/design.md,
+"Parameters through args").
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from .control import Feedback
 from .fields import VectorField
 
 RunningCost = Callable[[Any, Array, Array, Any], Array]
+
+
+class DynamicsArgs(NamedTuple):
+    """What the dynamics take besides the state (diffrax's ``args``): ``theta``, the constant θ of
+    an open loop (``(P,)`` or ``(B, P)``; None when θ is integrated); ``feedback``, the controller
+    g's parameters (closed loop); ``cost_args``, the running cost's arguments (any PyTree)."""
+
+    theta: Array | None = None
+    feedback: Any = None
+    cost_args: Any = None
 
 
 class State(NamedTuple):
@@ -58,19 +69,21 @@ class Dynamics:
     def closed_loop(self) -> bool:
         return self.feedback is not None
 
-    def __call__(self, t, z: State, args: dict) -> State:
-        theta = z.theta if self.closed_loop else args["theta"]
-        dx = self.field(t, z.x, theta)
-        dtheta = self.feedback(args["feedback"], t, theta, z.x) if self.closed_loop else None
+    def __call__(self, t, z: State, args: DynamicsArgs) -> State:
+        """``dz/dt`` at time ``t``; the field is evaluated without checks (the solve checked its
+        inputs where they entered)."""
+        theta = z.theta if self.closed_loop else args.theta
+        dx = self.field.evaluate(t, z.x, theta)
+        dtheta = self.feedback(args.feedback, t, theta, z.x) if self.closed_loop else None
         dc = None
         if self.running_cost is not None:
             if getattr(self.running_cost, "sees_field", False):
                 value = self.running_cost(
-                    t, z.x, theta, args.get("cost"), dx=dx,
-                    field_fn=lambda x_: self.field(t, x_, theta),
+                    t, z.x, theta, args.cost_args, dx=dx,
+                    field_fn=lambda x_: self.field.evaluate(t, x_, theta),
                 )
             else:
-                value = self.running_cost(t, z.x, theta, args.get("cost"))
+                value = self.running_cost(t, z.x, theta, args.cost_args)
             dc = jnp.broadcast_to(value, (z.x.shape[0],)).astype(z.x.dtype)
         return State(dx, dtheta, dc)
 

@@ -55,7 +55,8 @@ def dense(x: Array, w: Array, b: Array | None = None) -> Array:
 
 
 class VectorField:
-    """Base class: checks shapes once (at trace time) and dispatches to :meth:`apply`."""
+    """Base class: :meth:`__call__` checks shapes and dtypes, :meth:`evaluate` (what a solve calls
+    at every stage) does not; both dispatch to :meth:`apply`."""
 
     state_shape: tuple[int, ...]
     layout: ParamLayout
@@ -82,8 +83,23 @@ class VectorField:
             raise ValueError(f"{who} must be (P,) shared or (batch, P) per sample; got {theta.shape}")
 
     def __call__(self, t, x: Array, theta: Array) -> Array:
+        """``dx/dt`` ``(B, *S)`` for θ shared ``(P,)`` or per sample ``(B, P)``, after checking
+        the shapes and dtypes of ``x`` and θ.
+
+        Raises:
+          ValueError, TypeError: an ``x`` of the wrong shape or dtype, a θ of the wrong size,
+            batch or dtype.
+        """
         self.check_x(x)
         self.check_theta(theta, x.shape[0])
+        return self.evaluate(t, x, theta)
+
+    def evaluate(self, t, x: Array, theta: Array) -> Array:
+        """``dx/dt`` without checks: what a solve calls at every stage (it checked ``x0`` and θ0
+        once, where they entered). A field that defines its own ``__call__`` (and no
+        ``evaluate``) is evaluated through it."""
+        if type(self).__call__ is not VectorField.__call__:
+            return self(t, x, theta)
         return self.apply(t, x, self.layout.unflatten(theta))
 
     def apply(self, t, x: Array, w: dict[str, Array]) -> Array:  # pragma: no cover - abstract

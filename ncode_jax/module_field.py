@@ -437,6 +437,10 @@ class ModuleField(VectorField):
         """
         self.check_x(x)
         self.check_theta(theta, x.shape[0])
+        return self.evaluate(t, x, theta)
+
+    def evaluate(self, t, x: Array, theta: Float[Array, "*batch P"]) -> Array:
+        """``dx/dt`` without checks (what a solve calls at every stage)."""
         params = self._layout.unflatten_tree(theta)
         if theta.ndim == 1:
             if self.batch_apply_fn is not None:
@@ -444,6 +448,6 @@ class ModuleField(VectorField):
             return jax.vmap(self.apply_fn, in_axes=(None, None, 0))(params, t, x)
         return jax.vmap(self.apply_fn, in_axes=(0, None, 0))(params, t, x)
 
-    def apply(self, t, x, w):  # pragma: no cover - __call__ is overridden
-        raise NotImplementedError("ModuleField evaluates through __call__")
+    def apply(self, t, x, w):  # pragma: no cover - evaluate is overridden
+        raise NotImplementedError("ModuleField evaluates through evaluate")
 

@@ -24,6 +24,7 @@ from .control import Feedback, Hypernetwork, StaticInit, augment
 from .dynamics import Dynamics, RunningCost
 from .fields import VectorField
 from .solve import Solution, solve
+from .solving.options import SOLVE_CONFIG_FIELDS, SolveConfig
 
 KINDS = ("node", "anode", "open", "closed", "open_closed")
 
@@ -122,29 +123,29 @@ class NCODE:
         self.check_params(params)
         return self.initial(params["initial"], x0)
 
-    def __call__(self, params: dict, x0: Array, *, cost_args=None, **solve_options) -> Solution:
-        """Solve from data ``x0`` of shape ``(B, *data_shape)``; ``solve_options`` go to
-        :func:`~ncode_jax.solve.solve` (``t0``, ``t1``, ``ts``, ``solver``, ``dt``, ``adjoint``, ...;
-        ``**SolveConfig(...).kwargs()`` gives them all).
+    def __call__(self, params: dict, x0: Array, *, cost_args=None, config: SolveConfig | None = None,
+                 **options) -> Solution:
+        """Solve from data ``x0`` of shape ``(B, *data_shape)`` with the solver settings ``config``
+        (a :class:`~ncode_jax.SolveConfig`, or its fields as keyword arguments, which build one),
+        the running cost's arguments ``cost_args``, and :func:`~ncode_jax.solve`'s other keyword
+        arguments (``ts``, ``throw``, ``check_grads``) in ``options``.
 
         Raises:
           ValueError: ``x0`` not batched or of the wrong sample shape, ``params`` without the
-            parts this model needs, and everything :func:`~ncode_jax.solve.solve` raises.
+            parts this model needs, and everything :func:`~ncode_jax.solve` raises.
         """
         x0 = jnp.asarray(x0) if isinstance(x0, (list, tuple, np.ndarray)) else x0
         if not isinstance(x0, jax.Array):
             raise TypeError(f"x0 must be an array of shape (batch, *data_shape), got {type(x0).__name__}")
         if x0.ndim < 2:
             raise ValueError(f"x0 must be batched, shape (batch, *data_shape); got {tuple(x0.shape)}")
-        if x0.shape[0] == 0:
-            raise ValueError(f"x0 has an empty batch (shape {tuple(x0.shape)}): pass at least one sample")
         self.check_data_shape(tuple(x0.shape[1:]))
         theta0 = self.initial_theta(params, x0)
-        solve_params = {"feedback": params.get("feedback"), "cost": cost_args}
-        return solve(self.dynamics, augment(x0, self.augment), theta0, solve_params, **solve_options)
+        return solve(self.dynamics, augment(x0, self.augment), theta0, feedback=params.get("feedback"),
+                     cost_args=cost_args, config=config, **options)
 
     def inverse(self, params: dict, x_t1: Array, theta_t1: Array | None = None, *, t1: float,
-                t0: float = 0.0, **solve_options) -> Solution:
+                t0: float = 0.0, config: SolveConfig | None = None, **options) -> Solution:
         """Integrate the flow backwards from ``t1`` to ``t0``: recover ``x(t0)`` from ``x(t1)``.
 
         ``t1`` (required) must be the end time of the forward solve (e.g. ``float(sol.ts[-1])``).
@@ -154,7 +155,8 @@ class NCODE:
         ``closed`` and ``open_closed`` models (θ(t1), per sample); ``None`` for ``node`` and
         ``anode``, whose θ is the learned constant. Returns the :class:`Solution` of the
         backward solve, whose ``x`` is ``x(t0)`` (augmented channels included); a running cost
-        is not integrated (``cost`` is None).
+        is not integrated (``cost`` is None). The solver settings are ``config`` (or its fields
+        as keyword arguments) with the interval replaced by ``[t1, t0]``.
 
         Accuracy: the backward solve is a new numerical solve, so ``x(t0)`` is recovered to the
         solver's accuracy (``tests/test_reverse_time.py``: 1e-6 with tight tolerances), not exactly.
@@ -172,6 +174,7 @@ class NCODE:
             self.check_params(params)
             theta_t1 = params["initial"]["theta"]
         self.check_params(params)
-        solve_params = {"feedback": params.get("feedback")}
+        settings = {k: options.pop(k) for k in SOLVE_CONFIG_FIELDS if k in options}
+        config = SolveConfig(**settings, t0=t1, t1=t0) if config is None else config.replace(t0=t1, t1=t0)
         dynamics = Dynamics(self.field, self.feedback)
-        return solve(dynamics, x_t1, theta_t1, solve_params, t0=t1, t1=t0, **solve_options)
+        return solve(dynamics, x_t1, theta_t1, feedback=params.get("feedback"), config=config, **options)

@@ -70,8 +70,30 @@ SOLVERS: dict[str, SolverInfo] = {
 }
 
 
+def unknown_choice(what: str, name, choices: list) -> str:
+    """The error text for a name that is not one of ``choices``."""
+    return f"unknown {what} {name!r}; choose one of {choices}"
+
+
 def solver_info(name: str) -> SolverInfo:
+    """The :class:`SolverInfo` of a solver name in :data:`SOLVERS`.
+
+    Raises:
+      ValueError: an unknown name (listing the known ones).
+    """
     try:
         return SOLVERS[name]
     except KeyError:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}") from None
+        raise ValueError(unknown_choice("solver", name, sorted(SOLVERS))) from None
+
+
+def nfe_count(solver: str, num_steps):
+    """Forward vector-field evaluations for ``num_steps`` steps (accepted + rejected).
+
+    Explicit RK: ``stages`` per step, minus one when first-same-as-last, plus one initial
+    evaluation for FSAL methods. (diffrax 0.7's automatic initial step size adds no evaluation
+    that reaches the field; ``tests/test_solve.py`` checks this formula against a counter.)
+    """
+    info = solver_info(solver)
+    per_step = info.stages - int(info.fsal)
+    return num_steps * per_step + int(info.fsal)

@@ -9,6 +9,7 @@ test_reverse_time.py.)
 
 import inspect
 import re
+import sys
 from dataclasses import dataclass
 
 import jax
@@ -334,10 +335,14 @@ def test_sigmoid_gradient_is_finite_for_large_negative_inputs():
 
 
 def test_only_public_diffrax_names():
-    import ncode_jax.solve as solve_module
-    import ncode_jax.solvers as solvers_module
+    import importlib
+    import pkgutil
 
-    for module in (solve_module, solvers_module):
+    import ncode_jax.solving
+
+    stages = [importlib.import_module(f"ncode_jax.solving.{m.name}")
+              for m in pkgutil.iter_modules(ncode_jax.solving.__path__)]
+    for module in (sys.modules["ncode_jax.solve"], sys.modules["ncode_jax.solvers"], *stages):
         src = inspect.getsource(module)
         assert "diffrax._" not in src and "._value" not in src, module.__name__
 

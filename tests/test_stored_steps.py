@@ -1,12 +1,12 @@
-"""The checkpoint adjoint that stores every fixed step (``checkpoints >=`` the number of steps, or
-the default while the stored states fit a bound): one
+"""The stored-steps integrator (``adjoint="stored"``, or the checkpoint adjoint's default while
+the stored states fit a bound): one
 ``lax.scan`` of the solver's own step instead of diffrax's checkpointed loop. It must give the same
 solution, stats and gradients as the diffrax path, be taken under ``jax.jit`` (the times are
 Python floats there too), and fall back to diffrax where it does not apply."""
 
+import importlib
 import sys
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +17,8 @@ import ncode_jax as nc
 from benchmarks.common import CountingMLPField, evaluations
 
 SOLVE = sys.modules["ncode_jax.solve"]
+INTEGRATORS = importlib.import_module("ncode_jax.solving.integrators")
+PLAN = importlib.import_module("ncode_jax.solving.plan")
 X0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (6, 2)))
 
 
@@ -42,8 +44,8 @@ def test_stored_steps_equal_the_diffrax_path(kind, solver, dt, t1, batch, monkey
     params = model.init(jax.random.key(0), jnp.float64)
     opts = dict(solver=solver, dt=dt, t1=t1, batch=batch, adjoint="checkpoint")
     taken = []
-    real = SOLVE._stored_steps
-    monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(1) or real(*a))
+    real = INTEGRATORS.stored_steps
+    monkeypatch.setattr(INTEGRATORS, "stored_steps", lambda *a: taken.append(1) or real(*a))
     v_ref, s_ref, g_ref = _loss_and_grad(model, params, checkpoints=1, **opts)
     assert not taken  # checkpoints=1 < the steps: diffrax's checkpointed loop
     v, s, g = _loss_and_grad(model, params, **opts)
@@ -67,19 +69,19 @@ def test_stored_steps_take_diffrax_grid_for_any_dt(dtype, dt, t1, monkeypatch):
     params = model.init(jax.random.key(0), dtype)
     x0 = X0.astype(dtype)
     taken = []
-    real = SOLVE._stored_steps
-    monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(a[2]) or real(*a))
+    real = INTEGRATORS.stored_steps
+    monkeypatch.setattr(INTEGRATORS, "stored_steps", lambda *a: taken.append(a[2]) or real(*a))
 
-    def run(checkpoints):
+    def run(**how):
         def loss(p):
-            sol = model(p, x0, solver="rk4", dt=dt, t1=t1, adjoint="checkpoint", checkpoints=checkpoints)
+            sol = model(p, x0, solver="rk4", dt=dt, t1=t1, **how)
             return jnp.sum(sol.x ** 2), sol.stats
         (v, stats), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return float(v), {k: np.asarray(v).tolist() for k, v in stats.items()}, g
 
-    v_ref, s_ref, g_ref = run(1)
+    v_ref, s_ref, g_ref = run(adjoint="checkpoint", checkpoints=1)
     assert not taken
-    v, s, g = run(100)
+    v, s, g = run(adjoint="stored")
     assert len(taken) == 1
     assert len(taken[0]) - 1 == s_ref["num_steps"] == s["num_steps"]
     assert s == s_ref
@@ -98,30 +100,9 @@ def test_one_step_of_dt_just_short_of_t1_is_two_steps(dtype, t0, t1, dt):
     # (the solve raised "used all max_steps=1 steps") and the stored grid raised IndexError
     model = nc.NCODE.build("open", nc.MLPField(2, 4), (2,), hidden=(4,))
     params = model.init(jax.random.key(0), dtype)
-    for checkpoints in (None, 4):
-        sol = model(params, X0.astype(dtype), solver="rk4", t0=t0, t1=t1, dt=dt, checkpoints=checkpoints)
+    for how in ({}, {"adjoint": "stored"}, {"checkpoints": 4}):
+        sol = model(params, X0.astype(dtype), solver="rk4", t0=t0, t1=t1, dt=dt, **how)
         assert int(sol.stats["num_steps"]) == 2 and bool(jnp.all(jnp.isfinite(sol.x)))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fixed_step_grid_is_diffrax_grid(dtype):
-    rng = np.random.default_rng(0)
-    cases = [(0.0, 1.0, 0.3), (0.0, 1.0, 1 / 3), (0.0, 1.0, 0.33333333), (0.0, 1.0, 0.999999),
-             (0.0, 1.0, 1.5), (0.2, -0.5, 0.25), (1.0, 0.0, 0.3), (0.0, 0.7, 0.1),
-             (0.1, 0.8, 0.7), (0.3, 0.1, 0.2), (1.0, 0.1, 0.9)]  # t0 + dt just short of t1: 2 steps
-    cases += list(zip(rng.uniform(-2, 2, 12), rng.uniform(-2, 2, 12), rng.uniform(0.02, 1.5, 12)))
-    term = diffrax.ODETerm(lambda t, y, a: jnp.ones_like(y))
-    steps = jax.jit(lambda t0, t1, dt0: diffrax.diffeqsolve(  # times traced: one compilation
-        term, diffrax.Euler(), t0, t1, dt0, jnp.zeros(1, dtype), max_steps=256,
-        saveat=diffrax.SaveAt(steps=True)).ts)
-    for t0, t1, dt in cases:
-        t0, t1, dt = (*(float(np.asarray(t, dtype)) for t in (t0, t1)), float(dt))  # solve's own types
-        ts = np.asarray(steps(*(jnp.asarray(v, dtype) for v in (t0, t1, dt if t1 > t0 else -dt))))
-        want = np.concatenate([[t0], ts[np.isfinite(ts)]]).astype(dtype)
-        grid = SOLVE.fixed_step_grid(t0, t1, dt, dtype)
-        assert grid.dtype == dtype and grid.shape == want.shape, (t0, t1, dt, grid, want)
-        assert SOLVE.fixed_step_count(t0, t1, dt, dtype) == len(want) - 1
-        np.testing.assert_array_max_ulp(grid, want, maxulp=1)  # rounding the fused multiply-add twice
 
 
 def test_stored_steps_gradient_matches_finite_differences():
@@ -129,7 +110,7 @@ def test_stored_steps_gradient_matches_finite_differences():
     params = model.init(jax.random.key(1), jnp.float64)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     value = jax.jit(jax.value_and_grad(
-        lambda v: jnp.sum(model(unravel(v), X0, solver="rk4", dt=0.25, checkpoints=4).x ** 2)))
+        lambda v: jnp.sum(model(unravel(v), X0, solver="rk4", dt=0.25, adjoint="stored").x ** 2)))
     direction = jax.random.normal(jax.random.key(2), flat.shape, jnp.float64)
     eps = 1e-5
     fd = (value(flat + eps * direction)[0] - value(flat - eps * direction)[0]) / (2 * eps)
@@ -142,17 +123,17 @@ def test_default_stores_the_steps_while_they_fit_the_bound(monkeypatch):
     model = nc.NCODE.build("open", nc.MLPField(2, 8), (2,), hidden=(8,))
     params = model.init(jax.random.key(0), jnp.float64)
     taken = []
-    real = SOLVE._stored_steps
-    monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(1) or real(*a))
+    real = INTEGRATORS.stored_steps
+    monkeypatch.setattr(INTEGRATORS, "stored_steps", lambda *a: taken.append(1) or real(*a))
     need = SOLVE.stored_steps_bytes(4, 4, X0, jnp.zeros((6, model.field.num_params), X0.dtype))
     assert need == 4 * 4 * (X0.size + 6 * model.field.num_params) * 8
     first = model(params, X0, solver="rk4", dt=0.25)
     assert taken == [1]
-    monkeypatch.setattr(SOLVE, "STORED_STEPS_MAX_BYTES", need - 1)
+    monkeypatch.setattr(PLAN, "STORED_STEPS_MAX_BYTES", need - 1)
     second = model(params, X0, solver="rk4", dt=0.25)
     assert taken == [1]  # beyond the bound: diffrax's checkpointed loop, the same solution
     np.testing.assert_allclose(first.x, second.x, rtol=1e-12)
-    monkeypatch.setattr(SOLVE, "STORED_STEPS_MAX_BYTES", need)
+    monkeypatch.setattr(PLAN, "STORED_STEPS_MAX_BYTES", need)
     model(params, X0, solver="rk4", dt=0.25)
     assert taken == [1, 1]
 
@@ -166,8 +147,8 @@ def test_stored_steps_fall_back_where_they_do_not_apply(opts, monkeypatch):
     model = nc.NCODE.build("open", nc.MLPField(2, 8), (2,), hidden=(8,))
     params = model.init(jax.random.key(0), jnp.float64)
     taken = []
-    real = SOLVE._stored_steps
-    monkeypatch.setattr(SOLVE, "_stored_steps", lambda *a: taken.append(1) or real(*a))
+    real = INTEGRATORS.stored_steps
+    monkeypatch.setattr(INTEGRATORS, "stored_steps", lambda *a: taken.append(1) or real(*a))
     try:
         model(params, X0, **{"solver": "rk4", "dt": 0.25, **opts})
     except Exception as e:  # noqa: BLE001 - only the budget case raises, and it names the budget
@@ -182,7 +163,7 @@ def test_stored_steps_evaluate_the_field_once_per_stage(kind, solver):
     each stage again: 2× the forward count.)"""
     model = nc.NCODE.build(kind, CountingMLPField(2, 8), (2,), hidden=(8,), feedback_hidden=(8,))
     params = model.init(jax.random.key(0), jnp.float64)
-    opts = dict(solver=solver, dt=0.25, checkpoints=4)
+    opts = dict(solver=solver, dt=0.25, adjoint="stored")
     fwd = jax.jit(lambda p: model(p, X0, **opts).stats["nfe"])
     both = jax.jit(jax.grad(lambda p: jnp.sum(model(p, X0, **opts).x ** 2)))
     n_fwd = evaluations(fwd, params)

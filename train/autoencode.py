@@ -105,13 +105,12 @@ class Task(engine.Task):
         c = config
         self.load(c.dataset, (c.train_split, c.test_split), c.train_examples)
         arch = architecture(c.coders, latent_dim=c.latent_dim, widths=c.widths, kernel=c.kernel)
-        solve = {k: v for k, v in c.solve.kwargs().items() if k != "t0"}  # every other solver key
         if c.model == "ncode" and c.controls_per_row > arch.latent_dim:
             raise ValueError(f"controls_per_row={c.controls_per_row} exceeds the latent size "
                              f"{arch.latent_dim}")
         self.model = autoencoder(c.model, arch, tuple(self.train.image_shape), likelihood=c.likelihood,
                                  control_scale=c.control_scale, latent_norm=c.latent_norm,
-                                 offsets=tuple(range(c.controls_per_row)), **solve)
+                                 offsets=tuple(range(c.controls_per_row)), solve=c.solve)
         # training adds the flow regularisers as a running cost; evaluation solves without it
         cost = nc.regularization(kinetic=c.kinetic, jacobian=c.jacobian)
         self.train_model = dataclasses.replace(self.model, running_cost=cost)

@@ -110,7 +110,7 @@ class Task(engine.Task):
 
     def _per_example(self, model, params, images, labels, **extra):
         """Cross-entropy and correctness of each example ``(N,)``, and the flow's solution."""
-        logits, sol = model(params, images, **self.config.solve.kwargs(), **extra)
+        logits, sol = model(params, images, config=self.config.solve, **extra)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return losses, (jnp.argmax(logits, -1) == labels).astype(losses.dtype), sol
 

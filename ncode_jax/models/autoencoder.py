@@ -7,7 +7,7 @@ differ only in how the encoder output becomes the latent code ``z`` of size ``n`
   component-wise normalisation), of the linear system ``dx/dt = A(θ) x`` whose matrix has a fixed
   sparse pattern, two non-zeros per row (:class:`~ncode_jax.fields.SparseLinearField`,
   ``A[i, i] = θ[i, 0]``, ``A[i, (i+1) mod n] = θ[i, 1]``). From the constant ``x(0) = (1, …, 1)``
-  the flow is solved on ``[0, t1]`` (``t1 = 10``) with :func:`~ncode_jax.solve.solve`, and
+  the flow is solved on ``[0, t1]`` (``t1 = 10``) with :func:`~ncode_jax.solve`, and
   ``z = x(t1) = expm(t1·A(θ)) x(0)`` is decoded. The orbit ``x(t)`` can be decoded at any ``ts``.
 * ``"vae"`` — the encoder outputs ``2n`` entries, mean and log-variance of ``q(z|x)``; ``z`` is
   drawn by reparameterisation while training and is the mean at evaluation; prior N(0, I).
@@ -51,7 +51,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..dynamics import Dynamics
 from ..fields import SparseLinearField
 from ..regularizers import regularizer_args
-from ..solve import Solution, check_options, solve
+from ..solve import Solution, solve
+from ..solving.options import SOLVE_CONFIG_FIELDS, SolveConfig
 from .coders import Architecture, ComponentNorm
 
 MODEL_KINDS = ("ae", "vae", "ncode")
@@ -85,29 +86,23 @@ class Output(NamedTuple):
 class Autoencoder:
     """An ``ae``, ``vae`` or ``ncode`` autoencoder for images of ``image_shape = (h, w, c)``.
 
-    ``t1`` and the solver settings (``solver``, ``dt``, ``rtol``, ``atol``, ``adjoint``,
-    ``max_steps``, ``checkpoints``, ``seminorm``, ``batch``: :func:`ncode_jax.solve`'s options,
-    validated by its :func:`~ncode_jax.check_options`) are those of the AutoN-CODE latent flow,
-    which starts at ``t = 0``; ``offsets`` its sparse pattern (``(0, 1)``: two
-    non-zeros per row); ``control_scale`` the initial scale of the controls' normalisation (small,
-    so that ``t1·A(θ)`` starts with entries of order one); ``latent_norm`` a batch normalisation of
-    the code at the decoder's input (not in the paper, see the module docstring).
+    ``solve`` holds the solver settings of the AutoN-CODE latent flow (a
+    :class:`~ncode_jax.SolveConfig`; the flow starts at ``t0 = 0`` and runs to ``solve.t1``, 10
+    by default); ``offsets`` its sparse pattern (``(0, 1)``: two non-zeros per row);
+    ``control_scale`` the initial scale of the controls' normalisation (small, so that
+    ``t1·A(θ)`` starts with entries of order one); ``latent_norm`` a batch normalisation of the
+    code at the decoder's input (not in the paper, see the module docstring).
+
+    Raises:
+      ValueError: an unknown kind or likelihood, an image shape the architecture cannot take, a
+        running cost without a latent flow, ``solve.t0 != 0``, ``t1 <= 0`` or ``control_scale <= 0``.
     """
 
     kind: str
     arch: Architecture
     image_shape: tuple[int, int, int]
     likelihood: str = "bernoulli"
-    t1: float = 10.0
-    solver: str = "tsit5"
-    dt: float | None = None
-    rtol: float = 1e-4
-    atol: float = 1e-6
-    adjoint: str = "checkpoint"
-    max_steps: int | None = None
-    checkpoints: int | None = None
-    seminorm: bool = False
-    batch: str = "system"
+    solve: SolveConfig = SolveConfig(t1=10.0)
     offsets: tuple[int, ...] = (0, 1)
     control_scale: float = 0.1
     latent_norm: bool = False
@@ -122,16 +117,22 @@ class Autoencoder:
         if self.running_cost is not None and self.kind != "ncode":
             raise ValueError(f"a running cost (flow regulariser) needs a latent flow; the "
                              f"{MODEL_LABELS[self.kind]} has none: set kinetic=0 and jacobian=0")
+        if not isinstance(self.solve, SolveConfig):
+            raise TypeError(f"solve must be a SolveConfig, got {type(self.solve).__name__}")
+        if self.kind == "ncode" and self.solve.t0 != 0:
+            raise ValueError(f"t0={self.solve.t0}: the AutoN-CODE latent flow starts at t0 = 0")
         if not self.t1 > 0 or not self.control_scale > 0:
             raise ValueError(f"need t1 > 0 and control_scale > 0, got {self.t1}, {self.control_scale}")
-        check_options(**self.solve_options)
+
+    @property
+    def t1(self) -> float:
+        """The end of the latent flow's interval ``[0, t1]``."""
+        return self.solve.t1
 
     @property
     def solve_options(self) -> dict:
-        """The latent flow's keyword arguments of :func:`ncode_jax.solve` (``t0 = 0``)."""
-        return {"t1": self.t1, "solver": self.solver, "dt": self.dt, "rtol": self.rtol, "atol": self.atol,
-                "adjoint": self.adjoint, "max_steps": self.max_steps, "checkpoints": self.checkpoints,
-                "seminorm": self.seminorm, "batch": self.batch}
+        """The latent flow's solver settings but ``t0`` (which is 0), as keyword arguments."""
+        return {k: v for k, v in self.solve.kwargs().items() if k != "t0"}
 
     # ------------------------------------------------------------------ structure
 
@@ -231,8 +232,8 @@ class Autoencoder:
         """Solve ``dx/dt = A(θ) x`` from ``x(0) = 1`` on ``[0, t1]``; ``x`` is ``(B, n)`` at
         ``t1`` or ``(len(ts), B, n)`` at ``ts``; ``sol.cost`` is ``∫ ℓ dt`` of ``running_cost``."""
         x0 = jnp.broadcast_to(self.x0.astype(theta.dtype), (theta.shape[0], self.latent_dim))
-        return solve(Dynamics(self.field, running_cost=self.running_cost), x0, theta, {"cost": cost_args},
-                     ts=ts, **self.solve_options)
+        return solve(Dynamics(self.field, running_cost=self.running_cost), x0, theta, cost_args=cost_args,
+                     ts=ts, config=self.solve)
 
     def _latent(self, enc, *, key=None, ts=None):
         n = self.latent_dim
@@ -332,7 +333,21 @@ class Autoencoder:
         return loss, (metrics, stats)
 
 
-def autoencoder(kind: str, arch: Architecture, image_shape: tuple[int, int, int], **options) -> Autoencoder:
-    """Build an :class:`Autoencoder` (``options``: likelihood, t1, solver, dt, rtol, atol,
-    adjoint, max_steps, checkpoints, seminorm, batch, offsets, control_scale, latent_norm)."""
-    return Autoencoder(kind, arch, tuple(int(s) for s in image_shape), **options)
+def autoencoder(kind: str, arch: Architecture, image_shape: tuple[int, int, int], *,
+                solve: SolveConfig | None = None, **options) -> Autoencoder:
+    """Build an :class:`Autoencoder`. ``options``: the model's (likelihood, offsets,
+    control_scale, latent_norm, running_cost) and, instead of ``solve``, the latent flow's solver
+    settings as :class:`~ncode_jax.SolveConfig` fields (t1, solver, dt, rtol, atol, adjoint,
+    max_steps, checkpoints, seminorm, batch), which build one (``t1`` 10 unless given).
+
+    Raises:
+      TypeError: both ``solve`` and solver settings given; and what :class:`Autoencoder` and
+        :class:`~ncode_jax.SolveConfig` raise.
+    """
+    settings = {k: options.pop(k) for k in SOLVE_CONFIG_FIELDS if k in options}
+    if settings and solve is not None:
+        raise TypeError(f"autoencoder: pass solve=SolveConfig(...) or solver settings {sorted(settings)}, "
+                        "not both")
+    if solve is None:
+        solve = SolveConfig(**{"t1": 10.0, **settings})
+    return Autoencoder(kind, arch, tuple(int(s) for s in image_shape), solve=solve, **options)

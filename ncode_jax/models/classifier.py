@@ -65,8 +65,9 @@ class FlowClassifier:
         flat = xT.reshape(*lead, self.features)
         return flat @ params["head"]["w"] + params["head"]["b"]
 
-    def __call__(self, params: dict, x0: Array, **solve_options) -> tuple[Array, Solution]:
+    def __call__(self, params: dict, x0: Array, **options) -> tuple[Array, Solution]:
         """Logits ``(B, num_classes)`` (or ``(len(ts), B, num_classes)`` with ``ts``) and the
-        solution."""
-        sol = self.flow(params["flow"], x0, **solve_options)
+        solution; ``options`` are those of :meth:`NCODE.__call__ <ncode_jax.NCODE.__call__>`
+        (``config=SolveConfig(...)`` or its fields, ``cost_args``, ``ts``, ...)."""
+        sol = self.flow(params["flow"], x0, **options)
         return self.readout(params, sol.x), sol

@@ -10,9 +10,9 @@ With only 4,000 training images the paper's plain recipe overfits (92.8% held-ou
 2 pixels, a linear read-out of x(T) average-pooled 2×2 (still linear in x(T), 4× fewer weights),
 batch 32, AdamW (weight decay 1e-4) with 100 warm-up steps and cosine decay over 10 epochs.
 
-``checkpoints=3`` stores all 3 rk4 steps for the backward pass: the same gradient, computed
-without recomputation (``solve``'s stored-steps path), 1.3× faster per step (measured with 4
-steps).
+The checkpoint adjoint's default (``checkpoints`` unset) stores all 3 rk4 steps for the backward
+pass: the same gradient, computed without recomputation (the stored-steps integrator, by name
+``adjoint="stored"``), 1.3× faster per step (measured with 4 steps).
 
 Command (``num_devices=2``: one CPU device per core, each running its half of the batch's
 per-image loop; the same global batch and gradient, 1.35× faster again with 4 steps)::
@@ -49,5 +49,5 @@ def get_config() -> dict:
     return dict(dataset="mnist5k", model="open", epochs=10, batch_size=32, eval_batch_size=250,
                 lr=3e-3, lr_schedule="cosine", warmup_steps=100, weight_decay=1e-4, random_shift=2, pool=2,
                 hidden=16, augment=10, gamma_hidden=(10,), feedback_hidden=(10,), act="relu",
-                t1=1.0, solver="rk4", dt=1 / 3, rtol=1e-3, atol=1e-5, adjoint="checkpoint", checkpoints=3,
+                t1=1.0, solver="rk4", dt=1 / 3, rtol=1e-3, atol=1e-5, adjoint="checkpoint",
                 seed=0, log_every=10, checkpoint_every=50)
