@@ -13,8 +13,9 @@ closed) × solvers (default rk4 with dt = 0.25 on [0, 1]: 16 forward evaluations
 JAX variants: ``--impls`` (the ``ConvBlockField`` implementation, default ``auto``; e.g.
 ``--impls conv_map map`` prints a before/after in one run) × ``--checkpoints`` (for
 the checkpoint adjoint: ``default`` = the library's default (every fixed step stored while the
-states fit ``ncode_jax.STORED_STEPS_MAX_BYTES``), ``steps`` = one checkpoint per step, no
-recomputation, ``1`` = diffrax's recomputing loop with one checkpoint, or another number) ×
+states fit ``ncode_jax.STORED_STEPS_MAX_BYTES``, i.e. ``adjoint="stored"``), ``steps`` =
+diffrax's loop with one checkpoint per step (no recomputation), ``1`` = diffrax's recomputing
+loop with one checkpoint, or another number of checkpoints in diffrax's loop) ×
 ``--xla`` (``ncode``: compiled with
 :func:`ncode_jax.compiler_options`, as the training engine does; ``default``: XLA's defaults);
 every JAX variant of a case is timed
@@ -90,7 +91,7 @@ def _with_impl(clf, impl):
 def _checkpoints(spec: str, solver: str, args) -> int | None:
     if spec == "default" or solver != "rk4":
         return None  # the library's default (adaptive steps: diffrax's O(log n) checkpoints)
-    if spec == "steps":  # diffrax's step count in float32 (any dt takes the stored-steps path)
+    if spec == "steps":  # diffrax's step count in float32: one checkpoint per step in diffrax's loop
         return fixed_step_count(0.0, args.t1, args.dt, np.float32)
     return int(spec)
 

@@ -15,13 +15,14 @@ evaluations of the backward pass, the ratio torch/JAX, and both losses as a sani
     python -m benchmarks.toy_step [--batch 256] [--repeats 30] [--threads 2] [--device cpu]
     python -m benchmarks.toy_step --sweep batch      # batch 32..1024 (fewer repeats)
     python -m benchmarks.toy_step --sweep horizon    # T in (0.5, 1, 2, 4)
-    python -m benchmarks.toy_step --checkpoints steps  # checkpoint adjoint without recomputation
+    python -m benchmarks.toy_step --checkpoints steps  # diffrax's loop, one checkpoint per step
 
 ``--checkpoints`` sets ``solve(checkpoints=...)`` of the checkpoint adjoint: ``default`` (the
 library's default: every fixed step stored while the states fit
-``ncode_jax.STORED_STEPS_MAX_BYTES``, adaptive steps diffrax's O(log n) checkpoints),
-``1`` (diffrax's recomputing loop), ``steps`` (one per step: rk4 ``ceil(T/dt)``; dopri5
-:data:`ADAPTIVE_CHECKPOINTS`, more than the toy solves take) or a number.
+``ncode_jax.STORED_STEPS_MAX_BYTES``, i.e. ``adjoint="stored"``; adaptive steps diffrax's
+O(log n) checkpoints), ``1`` (diffrax's recomputing loop), ``steps`` (diffrax's loop with one
+checkpoint per step, so no recomputation: rk4 ``ceil(T/dt)``; dopri5 :data:`ADAPTIVE_CHECKPOINTS`,
+more than the toy solves take) or a number (diffrax's loop with that many checkpoints).
 
 Writes ``benchmarks/results/toy_step[_<sweep>][<tag>].json`` and a ``.png`` beside it.
 """

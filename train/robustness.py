@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import ncode_jax as nc
 from ncode_jax.models.image import IMAGE_KINDS
 
 from . import stats
@@ -91,15 +92,17 @@ def run_dirs(workdir: Path, models) -> list[Path]:
     return [d for *_, d in sorted(found, key=lambda f: f[:2])]
 
 
-def make_attacks(model, solve_options: dict, mean, std):
+def make_attacks(model, config: nc.SolveConfig | dict, mean, std):
     """Two jitted functions of per-image correctness ``(B,)``: ``single(params, pixels, labels, eps,
     key) -> {"clean", "fgsm", "noise"}`` and ``pgd(params, pixels, labels, eps, steps, key,
     restarts)`` (``steps`` steps, worst over ``restarts`` random starts; ``restarts`` static).
-    ``pixels`` in ``[0, 1]``; the model sees ``(pixels - mean) / std``."""
+    ``pixels`` in ``[0, 1]``; the model sees ``(pixels - mean) / std``. ``config``: the solver
+    settings of every solve (a :class:`~ncode_jax.SolveConfig`, or a dict of its fields)."""
+    config = config if isinstance(config, nc.SolveConfig) else nc.SolveConfig(**config)
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def logits(params, x):
-        return model(params, (x - mean) / std, **solve_options)[0]
+        return model(params, (x - mean) / std, config=config)[0]
 
     def correct(params, x, y):
         return jnp.argmax(logits(params, x), -1) == y
@@ -140,7 +143,7 @@ def evaluate_run(run, cfg: RobustnessConfig) -> dict:
     std = np.asarray(test.std if test.normalized else 1.0, np.float32)
     pixels = np.clip(test.images[:n] * std + mean, 0.0, 1.0).astype(np.float32)
     labels = np.asarray(test.labels[:n])
-    single, pgd = make_attacks(run.model, {**run.config.solve.kwargs(), "adjoint": "checkpoint"}, mean, std)
+    single, pgd = make_attacks(run.model, run.config.solve.replace(adjoint="checkpoint"), mean, std)
     out = {"model": run.config.model, "seed": run.config.seed, "finished": run.finished, "examples": n,
            "epsilons": list(cfg.epsilons), "clean": None, "fgsm": [], "noise": [],
            **{f"pgd{k}": [] for k in cfg.pgd_steps}}

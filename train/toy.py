@@ -114,11 +114,10 @@ class Task(engine.Task):
 
     def predict(self, params, x, model=None, **extra):  # (x(T) or logits, solution)
         model = self.model if model is None else model
-        opts = {**self.config.solve.kwargs(), **extra}
         if self.config.problem == "reflection":
-            sol = model(params, x, **opts)
+            sol = model(params, x, config=self.config.solve, **extra)
             return sol.x, sol
-        return model(params, x, **opts)
+        return model(params, x, config=self.config.solve, **extra)
 
     def _per_sample(self, params, x, y, model=None, **extra):
         out, sol = self.predict(params, x, model, **extra)
