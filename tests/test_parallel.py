@@ -237,3 +237,45 @@ def test_num_devices_creates_cpu_devices_in_a_fresh_process():
                              capture_output=True, env={**env, "XLA_FLAGS": flags} if flags else env,
                              timeout=120)
         assert out.returncode == 0 and out.stdout.strip() == want, (n, flags, out.stderr[-2000:])
+
+
+_BACKWARD_FAILS = """
+import time
+import jax, jax.numpy as jnp, numpy as np
+import ncode_jax as nc
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+mesh = Mesh(np.asarray(jax.devices()), ("batch",))
+field = nc.LinearField(2)
+dyn = nc.Dynamics(field)
+
+def loss(theta, x):
+    sol = nc.solve(dyn, x, theta, solver="tsit5", dt=None, adjoint="backsolve", max_steps=64)
+    nan_rows = jnp.where(jnp.arange(4) >= 2, jnp.nan, 1.0)  # only the second device's rows
+    return jnp.sum(sol.x * nan_rows[:, None])
+
+with jax.set_mesh(mesh):
+    rows = NamedSharding(mesh, P("batch"))
+    x = jax.device_put(jnp.ones((4, 2), jnp.float32), rows)
+    theta = jax.device_put(jnp.full((4, field.num_params), 0.1, jnp.float32), rows)
+    try:
+        jax.block_until_ready(jax.jit(jax.grad(loss))(theta, x))
+        print("no error")
+    except Exception as e:
+        print("raised:", str(e).strip().splitlines()[-1] if "backward solve" not in str(e) else
+              next(line for line in str(e).splitlines() if "backward solve" in line))
+"""
+
+
+def test_failed_backward_solve_raises_on_every_device_together():
+    """backsolve's backward solve running out of ``max_steps`` on one device only (a NaN
+    cotangent in its rows) raises the solve's error on both devices; diffrax's own check raised on
+    one device while the other waited in a collective, and XLA aborted the process after 40 s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+    out = subprocess.run([sys.executable, "-c", _BACKWARD_FAILS], cwd=ROOT, text=True, capture_output=True,
+                         timeout=90, env={**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                                          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = "backward solve of adjoint='backsolve' used all max_steps=64"
+    assert "raised: " in out.stdout and want in out.stdout, (
+        out.stdout[-2000:], out.stderr[-2000:])

@@ -54,7 +54,7 @@ def test_one_name_for_the_running_cost_arguments_and_the_old_params_dict():
 
 
 def test_failure_causes_carry_code_and_message():
-    assert [f.code for f in Failure] == [2, 2, 1, 2, 2]
+    assert [f.code for f in Failure] == [2, 2, 1, 2, 2, 1]  # the last: backsolve's backward solve
     assert {f.code for f in Failure} | {0} == set(RESULT_CODES.values())
     text = Failure.MAX_STEPS_REACHED.message(solver="tsit5", max_steps=7, budget="loosen rtol/atol")
     assert text.startswith("ncode_jax.solve: the tsit5 solver used all max_steps=7 steps")
@@ -67,3 +67,34 @@ def test_every_rule_has_one_wording_eager_and_traced():
         if rule.reads and rule.traced and rule.applies(values):
             known, traced = rule.message(values, True), rule.message(values, False)
             assert known.split()[:3] == traced.split()[:3] and len(known) >= len(traced), (known, traced)
+
+
+def test_failed_backward_solve_names_its_cause_and_finished_ones_pass():
+    """backsolve's backward solve out of ``max_steps`` (a NaN cotangent keeps its steps rejected)
+    raises the solve's own message, on one device too; one that finishes within the budget — even
+    when it takes all of it, as the fixed-step solve here does — does not."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import ncode_jax as nc
+
+    field = nc.LinearField(2)
+    dyn = nc.Dynamics(field)
+    x = jnp.ones((2, 2), jnp.float32)
+    theta = jnp.full((2, field.num_params), 0.1, jnp.float32)
+
+    def loss(theta, weight, **options):
+        return jnp.sum(nc.solve(dyn, x, theta, adjoint="backsolve", **options).x * weight)
+
+    adaptive = dict(solver="tsit5", dt=None, max_steps=64)
+    # raised inside the backward solve's loop: JAX reports it as the callback's runtime error
+    with pytest.raises((eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError),
+                       match=r"backward solve of adjoint='backsolve' used all max_steps=64 steps before "
+                             r"reaching t0"):
+        jax.block_until_ready(jax.jit(jax.grad(lambda th: loss(th, jnp.nan, **adaptive)))(theta))
+    assert jnp.all(jnp.isfinite(jax.grad(lambda th: loss(th, 1.0, **adaptive))(theta)))
+    exact = dict(solver="rk4", dt=0.25, max_steps=4)  # 4 steps forward, 4 backward: the whole budget
+    assert jnp.all(jnp.isfinite(jax.grad(lambda th: loss(th, 1.0, **exact))(theta)))
+    quiet = jax.grad(lambda th: loss(th, jnp.nan, throw=False, **adaptive))(theta)  # throw=False: no check
+    assert quiet.shape == theta.shape

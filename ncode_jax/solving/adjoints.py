@@ -25,13 +25,14 @@ _FORWARD = ("ncode_jax.solve: adjoint={adjoint!r} supports reverse-mode derivati
 
 def diffrax_adjoint(name: str, checkpoints: int | None, backward_controller, throw: bool):
     """The diffrax adjoint of ``name`` (``checkpoint``, ``backsolve``, ``direct``); the backsolve
-    adjoint's backward solve takes ``backward_controller`` (None: the forward one's) and raises
-    diffrax's own error if it fails when ``throw`` (a failed backward solve is a wrong gradient,
-    and it would otherwise inherit the forward solve's ``throw=False``)."""
+    adjoint's backward solve takes ``backward_controller`` (None: the forward one's) and runs
+    with ``throw=False``: with ``throw``, :func:`~ncode_jax.solving.integrators.integrate` gives it
+    a :class:`~ncode_jax.solving.integrators.BackwardGuard` controller, which raises if it fails
+    (a failed backward solve is a wrong gradient) on every device of a mesh together."""
     if name == "checkpoint":
         return diffrax.RecursiveCheckpointAdjoint(checkpoints=checkpoints)
     if name == "backsolve":
-        kwargs = {"throw": throw}
+        kwargs = {"throw": False}
         if backward_controller is not None:
             kwargs["stepsize_controller"] = backward_controller
         return diffrax.BacksolveAdjoint(**kwargs)

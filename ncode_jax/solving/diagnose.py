@@ -43,6 +43,15 @@ class Failure(enum.Enum):
         "because the dynamics are stiff, an explicit solver will need very many)")
     SOLVER_FAILED = (RESULT_CODES["failed"], "diffrax could not finish the solve")
     NONFINITE_SOLUTION = (RESULT_CODES["failed"], "the solution contains NaN or inf")
+    # raised in the backward pass by backsolve's own guard (integrators.BackwardGuard), never
+    # flagged by diagnose(): the backward solve has no Solution to report a code in
+    BACKWARD_MAX_STEPS_REACHED = (
+        RESULT_CODES["max_steps_reached"],
+        "the backward solve of adjoint='backsolve' used all max_steps={max_steps} steps before "
+        "reaching t0, so the gradient would be wrong: the adjoint state is NaN or inf (a "
+        "non-finite loss or gradient reaching x(T)), or the backward dynamics are stiffer than the "
+        "forward ones — check the loss, raise solve(..., max_steps=N) or {budget}, or use "
+        "adjoint='checkpoint'")
 
     def __init__(self, code: int, template: str):
         self.code = code
@@ -69,6 +78,7 @@ def diagnose(outcome) -> tuple[dict[Failure, Array], Array]:
         Failure.MAX_STEPS_REACHED: budget_out,
         Failure.SOLVER_FAILED: ~ok,
         Failure.NONFINITE_SOLUTION: bad_ys,
+        Failure.BACKWARD_MAX_STEPS_REACHED: jnp.asarray(False),  # raised in the backward pass
     }
     code = jnp.asarray(RESULT_CODES["successful"])
     for failure in reversed(Failure):  # the first true flag's code wins

@@ -23,7 +23,8 @@ from jaxtyping import Array
 
 from ..dynamics import Dynamics, DynamicsArgs, State
 from .adjoints import diffrax_adjoint
-from .guards import not_finite
+from .diagnose import Failure
+from .guards import error_if, not_finite
 
 
 class Outcome(NamedTuple):
@@ -156,6 +157,41 @@ class _Monitor(diffrax.AbstractStepSizeController):
         return keep, next_t0, next_t1, jump, state, result
 
 
+class BackwardGuard(diffrax.AbstractStepSizeController):
+    """The step-size controller of backsolve's backward solve: delegates to ``inner`` and raises
+    ``message`` once the solve has attempted ``max_steps`` steps without reaching its end.
+
+    diffrax's own check of the backward solve (``BacksolveAdjoint(throw=True)``) raises from a
+    conditional that XLA pins to one device: under a mesh of several devices that device raises
+    alone while the others wait in the next collective, until XLA aborts the process. This check
+    goes through :func:`~ncode_jax.solving.guards.error_if`, which every device of a mesh raises
+    together; the backward solve itself then runs with ``throw=False``. It counts every attempted
+    step, accepted or rejected, as diffrax's ``max_steps`` does."""
+
+    inner: diffrax.AbstractStepSizeController
+    max_steps: int = eqx.field(static=True)
+    message: str = eqx.field(static=True)
+
+    def wrap(self, direction):
+        return BackwardGuard(self.inner.wrap(direction), self.max_steps, self.message)
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        t_next, inner_state = self.inner.init(terms, t0, t1, y0, dt0, args, func, error_order)
+        # diffrax hands the controller direction-normalised times: the solve ends at t1 > t0
+        return t_next, (inner_state, jnp.zeros((), jnp.int32), jnp.asarray(t1))
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+        inner_state, attempts, t_end = controller_state
+        keep, next_t0, next_t1, jump, new_inner, result = self.inner.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
+        )
+        new_inner = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)),
+                                 new_inner, inner_state)  # fixed carry dtypes, as in _Monitor
+        attempts = attempts + 1
+        next_t1 = error_if(next_t1, (attempts >= self.max_steps) & (next_t0 < t_end), self.message)
+        return keep, next_t0, next_t1, jump, (new_inner, attempts, t_end), result
+
+
 class SolverTimeField(eqx.Module):
     """The dynamics on the solver's time ``s = t - t0`` (``t0`` None: 0) and state: the field
     sees ``t0 + s`` and, when the solver carries a wider dtype than the state's (bfloat16 and
@@ -204,6 +240,10 @@ def integrate(plan, dynamics: Dynamics, x0: Array, theta0: Array, args: Dynamics
         # arguments: the zero tangents the checks give them under jax.checkpoint/nn.remat must go
         s1, s_ts = jax.lax.stop_gradient((s1, s_ts))
     controller, backward = _controllers(cfg, times)
+    if cfg.adjoint == "backsolve" and throw:
+        failure = Failure.BACKWARD_MAX_STEPS_REACHED
+        message = failure.message(max_steps=plan.max_steps, budget=plan.budget_advice)
+        backward = BackwardGuard(controller if backward is None else backward, plan.max_steps, message)
     outcome = integrate_diffrax(
         term, plan.info.make(), s1, dt0, z0, args, dtype=plan.dtype,
         saveat=diffrax.SaveAt(t1=s_ts is None, ts=s_ts, controller_state=True), controller=controller,
