@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 from jax import lax
 from jax.test_util import check_grads
 

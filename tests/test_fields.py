@@ -5,7 +5,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_allclose
+from helpers import tree_allclose
 
 from ncode_jax import LinearField, MLPField, ParamLayout, ParamSpec, SparseLinearField
 
