@@ -1,7 +1,8 @@
-"""Shared test setup: float64 by default (gradient checks need it).
+"""Shared test setup: float64 by default (gradient checks need it), and the marker that turns the
+test-time checks of the array annotations (tests/typecheck.py) off for a test.
 
 A test module that must run in float32 (training scripts, as users run them) sets
-``X64 = False`` at module level.
+``X64 = False`` at module level. Shared helpers live in tests/helpers.py.
 """
 
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -37,3 +39,17 @@ def _precision(request):
     jax.config.update("jax_enable_x64", getattr(request.module, "X64", True))
     yield
     jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def _annotation_checks(request):
+    """Off for a test marked ``wrong_inputs`` (pyproject.toml's markers)."""
+    if request.node.get_closest_marker("wrong_inputs") is None:
+        yield
+        return
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)

@@ -113,6 +113,7 @@ def test_single_image_and_shared_conv_match_lax_float64():
         assert tree_rel_err(g, g_ref) < 1e-12
 
 
+@pytest.mark.wrong_inputs  # kernels of the wrong shape
 def test_primitive_shape_errors():
     x = _normal(0, (B, H, W, C))
     with pytest.raises(ValueError, match="kernel has shape"):

@@ -96,6 +96,7 @@ def test_layout_init():
     np.testing.assert_allclose(std["k"], 0.5)
 
 
+@pytest.mark.wrong_inputs  # an integer θ, a list
 def test_layout_errors():
     with pytest.raises(ValueError, match="duplicate"):
         ParamLayout((ParamSpec("a", (2,)), ParamSpec("a", (3,))))
