@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -17,6 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import ncode_jax as nc
+
+# fields that count their evaluations, and the counters: shared with the tests, defined there (the
+# benchmarks run from the repository root, where ``tests`` is importable)
+from tests.helpers import (  # noqa: F401
+    CountingConvField,
+    CountingMLPField,
+    count_evaluation,
+    counted,
+    evaluations,
+)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,56 +42,6 @@ def torch_precision() -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-
-
-_EVALUATIONS = [0]
-
-
-def _bump(_) -> None:
-    _EVALUATIONS[0] += 1
-
-
-def count_evaluation(x) -> None:
-    """Inside a traced function (a vector field, a running cost): count one evaluation on the
-    host each time XLA runs it. The callback reads one entry of ``x``, which must depend on the
-    state: a callback without operands is loop-invariant, and JAX's partial evaluation of a
-    differentiated ``lax.scan`` hoists it out of the loop, so it would run once, not once per step.
-    Under ``jax.vmap`` (e.g. ``solve(batch="vmap")``) it runs once per mapped element, so divide
-    such counts by the batch size."""
-    jax.debug.callback(_bump, jnp.ravel(x)[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingMLPField(nc.MLPField):
-    """:class:`ncode_jax.MLPField` that counts its evaluations (:func:`count_evaluation`)."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingConvField(nc.ConvBlockField):
-    """:class:`ncode_jax.ConvBlockField` that counts its evaluations (:func:`count_evaluation`)."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
-
-def counted(fn: Callable, *args):
-    """``(fn(*args), the evaluations counted during that call)`` (:func:`count_evaluation`)."""
-    jax.effects_barrier()
-    _EVALUATIONS[0] = 0
-    out = jax.block_until_ready(fn(*args))
-    jax.effects_barrier()
-    return out, _EVALUATIONS[0]
-
-
-def evaluations(fn: Callable, *args) -> int:
-    """Evaluations counted during one call ``fn(*args)``, after a first call that compiles."""
-    jax.block_until_ready(fn(*args))
-    return counted(fn, *args)[1]
 
 
 def time_fn(fn: Callable, *args, repeats: int = 20) -> dict:

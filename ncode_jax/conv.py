@@ -74,7 +74,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from .fields import VectorField, activation
 from .layout import ParamLayout, ParamSpec
@@ -112,7 +112,7 @@ def _flip_transpose(w: Float[Array, "*b kh kw C D"]) -> Float[Array, "*b kh kw D
     return jnp.swapaxes(jnp.flip(w, (-4, -3)), -2, -1)
 
 
-def _im2col(x: Float[Array, "H W C"]) -> Float[Array, "HW 9C"]:
+def _im2col(x: Float[Array, "H W C"]) -> Float[Array, "H*W 9*C"]:
     """3×3 zero-padded patches of one image; column ``(i·3 + j)·C + c`` is tap ``(i, j)``."""
     h, w, c = x.shape
     xp = jnp.pad(x, ((1, 1), (1, 1), (0, 0)))
@@ -178,7 +178,7 @@ def _wino_tiles(width: int) -> int:
     return -(-width // _WINO_M)
 
 
-def _wino_inputs(x: Float[Array, "N H W C"]) -> Float[Array, "6 NHT 3C"]:
+def _wino_inputs(x: Float[Array, "N H W C"]) -> Float[Array, "6 NHT 3*C"]:
     """The transformed input tiles ``Bᵀ d`` of every 6-wide, stride-4 window of every (zero-padded)
     row, the three rows a 3×3 output needs side by side in the last axis (``T = ⌈W/4⌉`` tiles per
     row; the last tile of a width that 4 does not divide reads zero padding)."""
@@ -191,7 +191,7 @@ def _wino_inputs(x: Float[Array, "N H W C"]) -> Float[Array, "6 NHT 3C"]:
     return v.reshape(_WINO_ALPHA, n * h * tiles, 3 * c)
 
 
-def _wino_kernel(w: Float[Array, "3 3 C D"]) -> Float[Array, "6 3C D"]:
+def _wino_kernel(w: Float[Array, "3 3 C D"]) -> Float[Array, "6 3*C D"]:
     """``G g`` along the kernel's width for each of its three rows: ``(6, 3·C, D)``."""
     u = jnp.stack(_lincomb(_WINO_G, [w[:, t] for t in range(3)]))  # (6, 3, C, D)
     return u.reshape(_WINO_ALPHA, -1, w.shape[-1])
@@ -256,7 +256,7 @@ _conv3x3_wino = _linear_conv(
     "Winograd F(4, 3) forward, input gradient (flipped kernel) and kernel gradient (``winograd``).")
 
 
-def conv3x3(x: Float[Array, "H W C"], w: Float[Array, "3 3 C D"]) -> Float[Array, "H W D"]:
+def conv3x3(x: Float[ArrayLike, "H W C"], w: Float[ArrayLike, "3 3 C D"]) -> Float[Array, "H W D"]:
     """3×3 ``'SAME'`` convolution of ONE image ``x (H, W, C)`` with kernel ``w (3, 3, C, D)``.
 
     Forward, input gradient and kernel gradient are im2col matrix products (reverse-mode only,
@@ -295,7 +295,7 @@ _shared_conv3x3_wino = _linear_conv(
 
 
 def shared_conv3x3(
-    x: Float[Array, "B H W C"], w: Float[Array, "3 3 C D"], impl: Impl = "auto"
+    x: Float[ArrayLike, "B H W C"], w: Float[ArrayLike, "3 3 C D"], impl: Impl = "auto"
 ) -> Float[Array, "B H W D"]:
     """3×3 ``'SAME'`` convolution of a batch with ONE kernel (NODE), fast kernel gradient.
 
@@ -342,7 +342,7 @@ _grouped_conv3x3 = _linear_conv(
 
 
 def per_sample_conv3x3(
-    x: Float[Array, "B H W C"], w: Float[Array, "B 3 3 C D"], impl: Impl = "auto"
+    x: Float[ArrayLike, "B H W C"], w: Float[ArrayLike, "B 3 3 C D"], impl: Impl = "auto"
 ) -> Float[Array, "B H W D"]:
     """``out[b] = conv3x3(x[b], w[b])``: every image its own 3×3 kernel (N-CODE).
 

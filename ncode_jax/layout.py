@@ -15,7 +15,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 Init = Literal["lecun", "zeros", "normal"]
 
@@ -79,7 +79,7 @@ class ParamLayout:
         if not jnp.issubdtype(theta.dtype, jnp.floating):
             raise TypeError(f"{who} must be a floating-point array, got dtype {theta.dtype}")
 
-    def unflatten(self, theta: Float[Array, "*batch P"]) -> dict[str, Array]:
+    def unflatten(self, theta: Float[ArrayLike, "*batch P"]) -> dict[str, Array]:
         """Cut ``theta`` of shape ``(*batch, P)`` into ``{name: (*batch, *shape)}``.
 
         One ``jnp.split``, not a slice per weight: the cotangent of a split is one concatenation

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 
 from ncode_jax import NCODE, MLPField
 

@@ -5,9 +5,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import kill_and_resume
 
 from train import autoencode
-from train.checkpoint import Checkpointer, CheckpointError
+from train.checkpoint import CheckpointError
 from train.engine import load_run
 
 X64 = False
@@ -27,20 +28,11 @@ def test_train_and_resume_matches_uninterrupted(kind, tmp_path, monkeypatch):
     straight = autoencode.train_and_evaluate(cfg, tmp_path / "a", progress=False)
     assert straight["steps"] == 12 and 0 < straight["test_mse"] < 0.3
 
-    real_save, saves = Checkpointer.save, []
-
-    def save_then_die(self, step, state):
-        real_save(self, step, state)
-        saves.append(step)
-        if step == 6:  # end of epoch 1 (6 steps of 32 out of 192 examples)
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        autoencode.train_and_evaluate(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
+    # killed at the end of epoch 1 (6 steps of 32 out of 192 examples)
+    saves, resumed = kill_and_resume(
+        monkeypatch, lambda: autoencode.train_and_evaluate(cfg, tmp_path / "b", progress=False),
+        kill_after_step=6)
     assert saves == [3, 6]
-    resumed = autoencode.train_and_evaluate(cfg, tmp_path / "b", progress=False)
     assert resumed["steps"] == 12
     assert resumed["test_mse"] == pytest.approx(straight["test_mse"], rel=1e-5)
     va, vb = load_run(tmp_path / "a").params, load_run(tmp_path / "b").params

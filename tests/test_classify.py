@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import kill_and_resume
 
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 from train import classify, engine
-from train.checkpoint import Checkpointer
 
 X64 = False
 
@@ -68,20 +68,11 @@ def test_train_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
     straight = classify.train_and_evaluate(cfg, tmp_path / "a", progress=False)
     assert straight["steps"] == 12 and 0 <= straight["test_accuracy"] <= 1
 
-    real_save, saves = Checkpointer.save, []
-
-    def save_then_die(self, step, state):
-        real_save(self, step, state)
-        saves.append(step)
-        if step == 6:  # end of epoch 1 (6 steps of 32 out of 192 examples)
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        classify.train_and_evaluate(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
+    # killed at the end of epoch 1 (6 steps of 32 out of 192 examples)
+    saves, resumed = kill_and_resume(
+        monkeypatch, lambda: classify.train_and_evaluate(cfg, tmp_path / "b", progress=False),
+        kill_after_step=6)
     assert saves == [3, 6]
-    resumed = classify.train_and_evaluate(cfg, tmp_path / "b", progress=False)
     assert resumed["steps"] == 12
     assert resumed["test_accuracy"] == pytest.approx(straight["test_accuracy"])
     assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-5)

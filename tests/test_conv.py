@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 from jax import lax
 from jax.test_util import check_grads
 
@@ -113,6 +113,7 @@ def test_single_image_and_shared_conv_match_lax_float64():
         assert tree_rel_err(g, g_ref) < 1e-12
 
 
+@pytest.mark.wrong_inputs  # kernels of the wrong shape
 def test_primitive_shape_errors():
     x = _normal(0, (B, H, W, C))
     with pytest.raises(ValueError, match="kernel has shape"):

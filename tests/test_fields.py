@@ -5,7 +5,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_allclose
+from helpers import tree_allclose
 
 from ncode_jax import LinearField, MLPField, ParamLayout, ParamSpec, SparseLinearField
 
@@ -96,6 +96,7 @@ def test_layout_init():
     np.testing.assert_allclose(std["k"], 0.5)
 
 
+@pytest.mark.wrong_inputs  # an integer θ, a list
 def test_layout_errors():
     with pytest.raises(ValueError, match="duplicate"):
         ParamLayout((ParamSpec("a", (2,)), ParamSpec("a", (3,))))

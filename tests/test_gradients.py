@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 from jax.flatten_util import ravel_pytree
 
 from ncode_jax import NCODE, MLPField

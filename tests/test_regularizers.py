@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.integrate
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 from jax.flatten_util import ravel_pytree
 
 import ncode_jax as nc

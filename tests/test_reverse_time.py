@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 
 from ncode_jax import NCODE, Dynamics, LinearField, MLPField, solve
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.integrate
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 from jax.flatten_util import ravel_pytree
 
 from ncode_jax import NCODE, Dynamics, LinearField, MLPField, solve

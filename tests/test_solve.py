@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from helpers import CountingMLPField, counted
 
-from benchmarks.common import CountingMLPField, counted
 from ncode_jax import Dynamics, Feedback, LinearField, MLPField, SparseLinearField, solve
 
 B, D, T = 4, 3, 1.0

@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_rel_err
+from helpers import CountingMLPField, evaluations, tree_rel_err
 
 import ncode_jax as nc
-from benchmarks.common import CountingMLPField, evaluations
 
 SOLVE = sys.modules["ncode_jax.solve"]
 INTEGRATORS = importlib.import_module("ncode_jax.solving.integrators")

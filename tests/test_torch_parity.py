@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_rel_err
+from helpers import tree_rel_err
 
 torch = pytest.importorskip(
     "torch", reason="PyTorch baseline not installed: pip install -e '.[torch]' (torch==2.13.0 CPU)"

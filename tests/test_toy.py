@@ -5,9 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import kill_and_resume
 
 from train import engine, toy
-from train.checkpoint import Checkpointer
 from train.config import UserError, build
 
 X64 = False  # train as users do, in float32
@@ -109,20 +109,12 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     _, straight = _final_params(tmp_path / "straight", "reflection_open")
 
     # Kill the run right after its second checkpoint (step 10).
-    real_save, saves = Checkpointer.save, []
+    def killed_at_step_10():
+        assert _final_params(tmp_path / "killed", "reflection_open")[0] == 10
 
-    def save_then_die(self, step, state):
-        real_save(self, step, state)
-        saves.append(step)
-        if len(saves) == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        engine.train(toy.Task, cfg, tmp_path / "killed" / "reflection_open", progress=False)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    assert _final_params(tmp_path / "killed", "reflection_open")[0] == 10
-    engine.train(toy.Task, cfg, tmp_path / "killed" / "reflection_open", progress=False)
+    work = tmp_path / "killed" / "reflection_open"
+    kill_and_resume(monkeypatch, lambda: engine.train(toy.Task, cfg, work, progress=False),
+                    kill_after_step=10, on_kill=killed_at_step_10)
     step, resumed = _final_params(tmp_path / "killed", "reflection_open")
     assert step == 20
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
