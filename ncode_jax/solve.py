@@ -993,7 +993,7 @@ def solve(
             bad_ys = _not_finite(ys)
         # a rejected non-finite candidate the solver recovered from is no failure
         nonfinite = nonfinite & (~ok | bad_ys)
-        mean_step = jnp.abs(t_now) / jnp.maximum(sol_stats["num_accepted_steps"], 1)
+        mean_step = jnp.abs(t_now) / jnp.maximum(sol_stats["num_accepted_steps"], 1).astype(t_now.dtype)
         collapsed = ~ok & ~nonfinite & (jnp.abs(last_dt) < _COLLAPSE_RATIO * mean_step)
         budget_out = (result == diffrax.RESULTS.max_steps_reached) & ~nonfinite & ~collapsed
         if throw:
