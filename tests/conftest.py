@@ -36,9 +36,18 @@ def pytest_xdist_auto_num_workers(config):
 
 @pytest.fixture(autouse=True, scope="module")
 def _precision(request):
+    """x64 (``X64``) and dtype promotion (``DTYPE_PROMOTION``) of a test module.
+
+    Promotion is strict by default: an operation that mixes dtypes (float32 with float64, an
+    integer array with a float array) raises instead of promoting silently. Python scalars stay
+    weakly typed. A module whose tests drive optax or flax modules sets
+    ``DTYPE_PROMOTION = "standard"``: optax's Adam mixes a Python float with its int32 step count,
+    and flax's Dense promotes float64 inputs against its float32 parameters."""
     jax.config.update("jax_enable_x64", getattr(request.module, "X64", True))
+    jax.config.update("jax_numpy_dtype_promotion", getattr(request.module, "DTYPE_PROMOTION", "strict"))
     yield
     jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture(autouse=True)

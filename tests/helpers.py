@@ -44,9 +44,11 @@ def tree_allclose(a, b, *, rtol=1e-7, atol=0.0) -> bool:
 def tree_rel_err(a, b) -> float:
     """max over leaves of ||a - b|| / max(||b||, tiny)."""
     errs = []
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = jnp.asarray(x), jnp.asarray(y)
-        errs.append(float(jnp.linalg.norm((x - y).ravel()) / max(float(jnp.linalg.norm(y.ravel())), 1e-30)))
+    with jax.numpy_dtype_promotion("standard"):  # e.g. a float32 result against a float64 reference
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            x, y = jnp.asarray(x), jnp.asarray(y)
+            scale = max(float(jnp.linalg.norm(y.ravel())), 1e-30)
+            errs.append(float(jnp.linalg.norm((x - y).ravel()) / scale))
     return max(errs)
 
 

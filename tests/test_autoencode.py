@@ -11,6 +11,8 @@ from ncode_jax.generate import GMMSampler, KDESampler, PriorSampler
 from ncode_jax.models.autoencoder import MODEL_KINDS, autoencoder
 from ncode_jax.models.coders import ARCHITECTURES, architecture
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
+
 
 @pytest.fixture(scope="module")
 def digits():

@@ -9,6 +9,7 @@ import pytest
 
 from train import autoencode, autoencode_eval, engine
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 
 TINY = dict(dataset="digits", coders="mnist", widths=(32,), latent_dim=4, epochs=2, batch_size=32,

@@ -11,6 +11,7 @@ from train import autoencode
 from train.checkpoint import CheckpointError
 from train.engine import load_run
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 
 TINY = dict(dataset="digits", coders="mnist", widths=(32,), latent_dim=4, epochs=2, batch_size=32,

@@ -11,6 +11,7 @@ from helpers import doc_block
 
 import ncode_jax as nc
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False  # as users run Flax models
 
 

@@ -12,6 +12,7 @@ from helpers import kill_and_resume
 from ncode_jax.models.image import IMAGE_KINDS, image_classifier
 from train import classify, engine
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 
 TINY = dict(dataset="digits", epochs=1, batch_size=32, eval_batch_size=128, hidden=4, augment=2,

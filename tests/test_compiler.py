@@ -17,6 +17,7 @@ import ncode_jax as nc
 from ncode_jax import compiler
 from ncode_jax.conv import ConvBlockField
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 

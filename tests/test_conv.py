@@ -310,7 +310,8 @@ def test_field_in_solve():
     (NODE) runs too."""
     field = ConvBlockField(3, 8, 8, hidden=4)
     x0 = _normal(20, (2, 8, 8, 3))
-    theta0 = 0.5 * field.layout.init_std() * _normal(21, (2, field.num_params))
+    with jax.numpy_dtype_promotion("standard"):  # a float32 scale times float64 noise
+        theta0 = 0.5 * field.layout.init_std() * _normal(21, (2, field.num_params))
 
     @jax.jit
     def loss(th):

@@ -25,6 +25,8 @@ SLOW_GUIDES = ["adjoints.md", "training.md", "custom-networks.md", "regularisati
 PRELUDES = {"inception_weights.md": """
 import numpy as np
 from ncode_jax.metrics.inception import random_inception_params, save_inception_params
+
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 save_inception_params(random_inception_params(), "inception_fid.npz")  # stands in for the converted file
 rng = np.random.default_rng(0)
 real_images, generated_images = (rng.uniform(size=(8, 28, 28, 1)).astype(np.float32) for _ in range(2))

@@ -17,6 +17,7 @@ from ncode_jax.metrics.convert_inception import main as convert_main
 from ncode_jax.metrics.digit_features import DIGIT_FID_NAME, DigitFeatureExtractor
 from train.digit_features import train_extractor
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False  # the feature networks run in float32, as users run them; FID itself is float64 numpy
 
 

@@ -20,6 +20,8 @@ from helpers import doc_block
 import ncode_jax as nc
 from ncode_jax import ModuleField
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
+
 D, H, B = 2, 16, 6
 TOL = 1e-10
 

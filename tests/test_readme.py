@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

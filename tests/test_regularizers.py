@@ -65,7 +65,9 @@ def grads():
 
     def get(adjoint):
         if adjoint not in cache:
-            cache[adjoint] = _VG[adjoint](PARAMS, CARGS)
+            # the backsolve adjoint of this float64 model meets a float32 leaf inside diffrax
+            with jax.numpy_dtype_promotion("standard"):
+                cache[adjoint] = _VG[adjoint](PARAMS, CARGS)
         return cache[adjoint]
 
     return get

@@ -14,6 +14,7 @@ import pytest
 
 from train import engine, toy
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = ["--problem", "reflection", "--model", "open", "--n-train", "16", "--n-test", "16", "--hidden", "4",

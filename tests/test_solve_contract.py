@@ -131,7 +131,8 @@ def test_non_finite_weights_point_at_training():
     model = NCODE.build("open", MLPField(1, 4), (1,), hidden=(4,))
     params = model.init(jax.random.key(0))
     params["initial"]["theta"] = params["initial"]["theta"].at[0].set(jnp.inf)  # e.g. after lr=inf
-    _raises(r"theta0 contains NaN or inf .*learning rate", lambda: model(params, ONES).x)
+    with jax.numpy_dtype_promotion("standard"):  # float32 parameters, a float64 input
+        _raises(r"theta0 contains NaN or inf .*learning rate", lambda: model(params, ONES).x)
 
 
 # --- 4. checks survive every composition; NaN gradients can be made errors --------------------

@@ -13,6 +13,7 @@ from ncode_jax.models.image import image_classifier, matched_hidden, num_params
 from train import classify, engine, robustness, stats
 from train.config import UserError
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 
 FLAGS = ["--config", "train/configs/digits_cpu.py", "--set", "model=node,anode", "--set", "seed=0,1",

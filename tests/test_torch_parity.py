@@ -45,6 +45,7 @@ from benchmarks.torch_baseline.conv import CONV_IMPLS  # noqa: E402
 from ncode_jax import NCODE, Dynamics, MLPField, SparseLinearField, solve  # noqa: E402
 from ncode_jax.models.image import image_classifier  # noqa: E402
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False  # float32 on both sides (see conftest)
 RTOL = 1e-4
 SOLVE = dict(t1=0.5, solver="rk4", dt=0.1)

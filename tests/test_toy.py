@@ -10,6 +10,7 @@ from helpers import kill_and_resume
 from train import engine, toy
 from train.config import UserError, build
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False  # train as users do, in float32
 
 

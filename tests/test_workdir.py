@@ -18,6 +18,7 @@ from train import autoencode, autoencode_eval, engine, toy
 from train.checkpoint import CheckpointError
 from train.config import UserError, build
 
+DTYPE_PROMOTION = "standard"  # optax and flax mix dtypes (conftest)
 X64 = False
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(problem="reflection", model="open", n_train=16, n_test=16, hidden=4, control_hidden=4,

@@ -69,7 +69,8 @@ def diagnose(outcome) -> tuple[dict[Failure, Array], Array]:
     ok, bad_ys = outcome.ok, outcome.nonfinite_solution
     # a rejected non-finite candidate the solver recovered from is no failure
     nonfinite = outcome.nonfinite_seen & (~ok | bad_ys)
-    mean_step = jnp.abs(outcome.t_now) / jnp.maximum(outcome.stats["num_accepted_steps"], 1)
+    accepted = jnp.maximum(outcome.stats["num_accepted_steps"], 1).astype(outcome.t_now.dtype)
+    mean_step = jnp.abs(outcome.t_now) / accepted
     collapsed = ~ok & ~nonfinite & (jnp.abs(outcome.last_dt) < COLLAPSE_RATIO * mean_step)
     budget_out = outcome.max_steps_reached & ~nonfinite & ~collapsed
     flags = {
