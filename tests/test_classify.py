@@ -184,7 +184,7 @@ def test_winograd_trains_like_map_on_mnist5k_config():
         def step(params, opt_state, model=model, opt=opt):
             def loss_fn(p):
                 logits, _ = model(p, images, t1=c["t1"], solver=c["solver"], dt=c["dt"],
-                                  adjoint=c["adjoint"], checkpoints=c["checkpoints"])
+                                  adjoint=c["adjoint"], checkpoints=c.get("checkpoints"))
                 return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
             loss, g = jax.value_and_grad(loss_fn)(params)
