@@ -127,6 +127,13 @@ def integrate_diffrax(term, solver, s1, dt0, z0, args, *, dtype, saveat, control
                    last_dt)
 
 
+def _as_before(new_state, old_state):
+    """A wrapped controller's new state in the dtypes of its old one: diffrax's PID controller
+    computes part of its state in the default float dtype, and the loop carry's dtypes must stay
+    fixed (float32 times under ``jax_enable_x64`` would otherwise change them)."""
+    return jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)), new_state, old_state)
+
+
 class _Monitor(diffrax.AbstractStepSizeController):
     """Delegates to ``inner`` and records, in its state: whether any attempted step produced a
     non-finite candidate, the current time and the last attempted step size. :func:`integrate_diffrax`
@@ -147,10 +154,7 @@ class _Monitor(diffrax.AbstractStepSizeController):
         keep, next_t0, next_t1, jump, new_inner, result = self.inner.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
         )
-        # diffrax's PID controller computes part of its state in the default float dtype; keep the
-        # loop carry's dtypes fixed (float32 times under jax_enable_x64 would otherwise change it)
-        inner_state = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)),
-                                   new_inner, inner_state)
+        inner_state = _as_before(new_inner, inner_state)
         now_bad = not_finite(y1_candidate) | not_finite(y_error)
         state = (inner_state, bad | now_bad, jnp.asarray(next_t0, t_now.dtype),
                  jnp.asarray(next_t1 - next_t0, t_now.dtype))
@@ -185,8 +189,7 @@ class BackwardGuard(diffrax.AbstractStepSizeController):
         keep, next_t0, next_t1, jump, new_inner, result = self.inner.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
         )
-        new_inner = jax.tree.map(lambda new, old: jnp.asarray(new).astype(jnp.result_type(old)),
-                                 new_inner, inner_state)  # fixed carry dtypes, as in _Monitor
+        new_inner = _as_before(new_inner, inner_state)
         attempts = attempts + 1
         next_t1 = error_if(next_t1, (attempts >= self.max_steps) & (next_t0 < t_end), self.message)
         return keep, next_t0, next_t1, jump, (new_inner, attempts, t_end), result
