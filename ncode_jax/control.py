@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .fields import activation
+from .fields import activation, add_bias
 from .layout import ParamLayout
 from .nn import mlp_apply, mlp_init
 
@@ -94,7 +94,7 @@ class Hypernetwork:
                 f"Hypernetwork expects inputs with {self.in_size} entries per sample, got "
                 f"x0 of shape {tuple(x0.shape)} ({flat.shape[1]} per sample)"
             )
-        return params["theta"] + mlp_apply(params["mlp"], flat, self.act)
+        return add_bias(mlp_apply(params["mlp"], flat, self.act), params["theta"])
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, ArrayLike, Float
 
-from .fields import VectorField, activation
+from .fields import VectorField, activation, add_bias
 from .layout import ParamLayout, ParamSpec
 from .sharding import batch_map, batch_sum, data_parallel_devices
 
@@ -435,9 +435,9 @@ def _block_image(sigma, conv: _BlockConv, x, w):
     ``a₁ (HW, h)`` and ``a₂ (HW, h)`` kept for the backward pass."""
     h, wd, c = x.shape
     hid = w["b1"].shape[-1]
-    a1 = x.reshape(h * wd, c) @ w["w1"] + w["b1"]
-    a2 = conv.forward(sigma(a1).reshape(h, wd, hid), w["w2"]).reshape(h * wd, hid) + w["b2"]
-    y = sigma(a2) @ w["w3"] + w["b3"]
+    a1 = add_bias(x.reshape(h * wd, c) @ w["w1"], w["b1"])
+    a2 = add_bias(conv.forward(sigma(a1).reshape(h, wd, hid), w["w2"]).reshape(h * wd, hid), w["b2"])
+    y = add_bias(sigma(a2) @ w["w3"], w["b3"])
     return y.reshape(h, wd, c), (a1, a2)
 
 
@@ -585,18 +585,18 @@ class ConvBlockField(VectorField):
             if impl == "conv_map":
                 return batch_map(lambda xw: self._one_image(*xw), (x, w))
             return self._apply_grouped(x, w)
-        hid = sigma(x @ w["w1"] + w["b1"])
+        hid = sigma(add_bias(x @ w["w1"], w["b1"]))
         # shared θ: Winograd only when asked for (its gain was measured for per-sample kernels;
         # with shared kernels one device's XLA convolution was faster, 70 vs 103 ms per block)
         conv = _shared_conv3x3_wino if self.impl == "winograd" else _shared_conv3x3
-        hid = sigma(conv(hid, w["w2"]) + w["b2"])
-        return hid @ w["w3"] + w["b3"]
+        hid = sigma(add_bias(conv(hid, w["w2"]), w["b2"]))
+        return add_bias(hid @ w["w3"], w["b3"])
 
     def _one_image(self, x: Float[Array, "H W C"], w: dict[str, Array]) -> Float[Array, "H W C"]:
         sigma = activation(self.act)
-        hid = sigma(x @ w["w1"] + w["b1"])
-        hid = sigma(_conv3x3(hid, w["w2"]) + w["b2"])
-        return hid @ w["w3"] + w["b3"]
+        hid = sigma(add_bias(x @ w["w1"], w["b1"]))
+        hid = sigma(add_bias(_conv3x3(hid, w["w2"]), w["b2"]))
+        return add_bias(hid @ w["w3"], w["b3"])
 
     def _apply_grouped(self, x, w):
         sigma = activation(self.act)
@@ -612,6 +612,6 @@ class ConvBlockField(VectorField):
             hid = sigma(jnp.einsum("bhwc,bcd->bhwd", x, w["w1"]) + bias(w["b1"]))
             hid = sigma(naive_per_sample_conv(hid, w["w2"]) + bias(w["b2"]))
             return jnp.einsum("bhwc,bcd->bhwd", hid, w["w3"]) + bias(w["b3"])
-        hid = sigma(x @ w["w1"] + w["b1"])
-        hid = sigma(_conv_same(hid, w["w2"]) + w["b2"])
-        return hid @ w["w3"] + w["b3"]
+        hid = sigma(add_bias(x @ w["w1"], w["b1"]))
+        hid = sigma(add_bias(_conv_same(hid, w["w2"]), w["b2"]))
+        return add_bias(hid @ w["w3"], w["b3"])

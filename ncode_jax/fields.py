@@ -48,10 +48,22 @@ def _check_positive(who: str, **sizes) -> None:
             raise ValueError(f"{who}: {name} must be a positive integer, got {name}={value!r}")
 
 
+def add_bias(y: Array, b: Array) -> Array:
+    """``y + b`` with ``b`` broadcast to ``y``'s shape explicitly (trailing axes aligned, as in
+    NumPy), so that a shared ``(O,)`` and a per-sample ``(B, O)`` bias both add to ``(B, O)``
+    without implicit rank promotion (the library runs under ``jax_numpy_rank_promotion="raise"``).
+
+    Raises:
+      ValueError: (JAX's) when ``b``'s shape does not broadcast to ``y``'s.
+    """
+    return y + jnp.broadcast_to(b, y.shape)
+
+
 def dense(x: Array, w: Array, b: Array | None = None) -> Array:
-    """``x @ w + b`` for shared weights ``w: (I, O)`` or per-sample weights ``w: (B, I, O)``."""
+    """``x @ w + b`` for shared weights ``w: (I, O)`` (``x: (..., I)``, ``b: (O,)``) or per-sample
+    weights ``w: (B, I, O)`` (``x: (B, I)``, ``b: (B, O)``)."""
     y = x @ w if w.ndim == 2 else jnp.einsum("bi,bio->bo", x, w)
-    return y if b is None else y + b
+    return y if b is None else add_bias(y, b)
 
 
 class VectorField:
@@ -223,4 +235,4 @@ class SparseLinearField(VectorField):
         # one product with the stacked shifts, not a slice of a per offset: the cotangent of a is
         # then one array, not a zero-padded a per offset summed (ParamLayout.unflatten, same reason)
         shifted = jnp.stack([jnp.roll(x, -o, axis=-1) for o in self.offsets], axis=-1)
-        return jnp.sum(w["a"] * shifted, axis=-1)
+        return jnp.sum(jnp.broadcast_to(w["a"], shifted.shape) * shifted, axis=-1)

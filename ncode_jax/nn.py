@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
-from .fields import activation
+from .fields import activation, dense
 
 MLPParams = list[dict[str, Array]]
 
@@ -37,7 +37,7 @@ def mlp_init(
     for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
         w = jax.random.normal(k, (n_in, n_out), dtype) / math.sqrt(n_in)
         if i == len(sizes) - 2:
-            w = w * jnp.asarray(last_scale, dtype)
+            w = w * jnp.broadcast_to(jnp.asarray(last_scale, dtype), w.shape)
         layers.append({"w": w, "b": jnp.zeros((n_out,), dtype)})
     return layers
 
@@ -63,7 +63,7 @@ def mlp_apply(params: MLPParams, x: Array, act: str = "tanh", *, fold_last_bias:
             ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
             x = jnp.concatenate([x, ones], -1) @ jnp.concatenate([layer["w"], layer["b"][None]], 0)
         else:
-            x = x @ layer["w"] + layer["b"]
+            x = dense(x, layer["w"], layer["b"])
         if not last:
             x = sigma(x)
     return x

@@ -36,18 +36,23 @@ def pytest_xdist_auto_num_workers(config):
 
 @pytest.fixture(autouse=True, scope="module")
 def _precision(request):
-    """x64 (``X64``) and dtype promotion (``DTYPE_PROMOTION``) of a test module.
+    """x64 (``X64``), dtype promotion (``DTYPE_PROMOTION``) and rank promotion
+    (``RANK_PROMOTION``) of a test module.
 
     Promotion is strict by default: an operation that mixes dtypes (float32 with float64, an
-    integer array with a float array) raises instead of promoting silently. Python scalars stay
-    weakly typed. A module whose tests drive optax or flax modules sets
+    integer array with a float array) raises instead of promoting silently, and so does one that
+    adds leading axes implicitly (a shared ``(P,)`` θ against a per-sample ``(B, P)`` one): the
+    library broadcasts explicitly (``ncode_jax.fields.add_bias``). Python scalars stay weakly
+    typed. A module whose tests drive optax or flax modules sets
     ``DTYPE_PROMOTION = "standard"``: optax's Adam mixes a Python float with its int32 step count,
     and flax's Dense promotes float64 inputs against its float32 parameters."""
     jax.config.update("jax_enable_x64", getattr(request.module, "X64", True))
     jax.config.update("jax_numpy_dtype_promotion", getattr(request.module, "DTYPE_PROMOTION", "strict"))
+    jax.config.update("jax_numpy_rank_promotion", getattr(request.module, "RANK_PROMOTION", "raise"))
     yield
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture(autouse=True)

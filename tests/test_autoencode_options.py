@@ -43,7 +43,8 @@ def test_latent_norm_normalises_the_code_at_the_decoder_input():
     theta = jax.jit(model.encode)(variables, images)
     np.testing.assert_allclose(z, jax.jit(model.controls_to_latent)(theta), rtol=1e-6)
     scale = params["decoder"]["ComponentNorm_0"]["BatchNorm_0"]
-    zn = (z - bn["mean"]) / jnp.sqrt(bn["var"] + 1e-5) * scale["scale"] + scale["bias"]
+    mean, var, gain, bias = (v[None] for v in (bn["mean"], bn["var"], scale["scale"], scale["bias"]))
+    zn = (z - mean) / jnp.sqrt(var + 1e-5) * gain + bias
     inner = model.arch.decoder(model.image_shape)
     want = jax.nn.sigmoid(inner.apply({"params": params["decoder"]["decoder"]}, zn, train=False))
     np.testing.assert_allclose(model.decode(variables, z), want, rtol=1e-5, atol=1e-6)

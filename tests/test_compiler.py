@@ -41,7 +41,7 @@ def _ynn_convolutions(hlo: str) -> int:
 def _block_grad(hidden=50, batch=2, size=8):
     field = ConvBlockField(channels=3, height=size, width=size, hidden=hidden, impl="map")
     k = jax.random.split(jax.random.key(0), 3)
-    theta = field.layout.init(k[0]) * (1 + 0.1 * jax.random.normal(k[1], (batch, field.num_params)))
+    theta = field.layout.init(k[0])[None] * (1 + 0.1 * jax.random.normal(k[1], (batch, field.num_params)))
     x = jax.random.normal(k[2], (batch, size, size, 3))
 
     def loss(x, th):

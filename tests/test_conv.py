@@ -198,7 +198,7 @@ def test_layout():
 def _theta(seed, batch=None, dtype=jnp.float64):
     shape = (FAST.num_params,) if batch is None else (batch, FAST.num_params)
     std = FAST.layout.init_std(dtype) + 0.3  # non-zero biases too
-    return std * _normal(seed, shape, dtype)
+    return jnp.broadcast_to(std, shape) * _normal(seed, shape, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +311,7 @@ def test_field_in_solve():
     field = ConvBlockField(3, 8, 8, hidden=4)
     x0 = _normal(20, (2, 8, 8, 3))
     with jax.numpy_dtype_promotion("standard"):  # a float32 scale times float64 noise
-        theta0 = 0.5 * field.layout.init_std() * _normal(21, (2, field.num_params))
+        theta0 = 0.5 * field.layout.init_std()[None] * _normal(21, (2, field.num_params))
 
     @jax.jit
     def loss(th):

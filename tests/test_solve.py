@@ -210,7 +210,7 @@ def test_vmap_batch_mode_matches_system():
     field = MLPField(2, 8)
     fb = Feedback(field.layout, 2, (8,))
     dyn = Dynamics(field, fb)
-    theta0 = field.layout.init(jax.random.PRNGKey(1), jnp.float64) + _normal(
+    theta0 = field.layout.init(jax.random.PRNGKey(1), jnp.float64)[None] + _normal(
         6, (B, field.num_params), 0.3
     )
     params = {"feedback": fb.init(jax.random.PRNGKey(2), jnp.float64)}

@@ -40,7 +40,8 @@ class SqrtField(nc.VectorField):
     layout = nc.ParamLayout((nc.ParamSpec("k", (1,)),))
 
     def apply(self, t, x, w):
-        return w["k"] * jnp.sqrt(jnp.abs(x)) if self.abs_ else -w["k"] * jnp.sqrt(x)
+        k = jnp.broadcast_to(w["k"], x.shape)  # θ shared (1,) or per sample (B, 1)
+        return k * jnp.sqrt(jnp.abs(x)) if self.abs_ else -k * jnp.sqrt(x)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class SquareField(nc.VectorField):
     layout = nc.ParamLayout((nc.ParamSpec("k", (1,)),))
 
     def apply(self, t, x, w):
-        return w["k"] * x**2
+        return jnp.broadcast_to(w["k"], x.shape) * x**2
 
 
 # --- 2. dtypes under jax_enable_x64 ------------------------------------------------------------

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..compiler import jit
+from ..fields import add_bias, dense
 from .batching import map_batches
 from .fid import fid_from_features
 
@@ -84,19 +85,19 @@ def init_params(seed: int, image_shape: tuple[int, int, int], num_classes: int, 
 
 
 def _features(params: dict, images, mean, std):
-    x = (images - mean) / std
+    x = (images - jnp.broadcast_to(mean, images.shape)) / jnp.broadcast_to(std, images.shape)
     for i, (_, _, stride) in enumerate(_CONV):
         x = jax.lax.conv_general_dilated(
             x, params[f"conv{i}_w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-        x = jax.nn.relu(x + params[f"conv{i}_b"])
+        x = jax.nn.relu(add_bias(x, params[f"conv{i}_b"]))
     x = x.reshape(x.shape[0], -1)
-    return jax.nn.relu(x @ params["fc_w"] + params["fc_b"])
+    return jax.nn.relu(dense(x, params["fc_w"], params["fc_b"]))
 
 
 def logits(params: dict, images, mean, std):
     """Class logits ``(N, num_classes)`` of images ``(N, H, W, C)`` in [0, 1]."""
-    return _features(params, images, mean, std) @ params["out_w"] + params["out_b"]
+    return dense(_features(params, images, mean, std), params["out_w"], params["out_b"])
 
 
 _features_jit = jit(_features)

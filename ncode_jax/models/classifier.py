@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
+from ..fields import dense
 from ..ncode import NCODE
 from ..solve import Solution
 
@@ -63,7 +64,7 @@ class FlowClassifier:
             h, w, c, k = *s, self.pool
             xT = xT.reshape(*lead, h // k, k, w // k, k, c).mean(axis=(-4, -2))
         flat = xT.reshape(*lead, self.features)
-        return flat @ params["head"]["w"] + params["head"]["b"]
+        return dense(flat, params["head"]["w"], params["head"]["b"])
 
     def __call__(self, params: dict, x0: Array, **options) -> tuple[Array, Solution]:
         """Logits ``(B, num_classes)`` (or ``(len(ts), B, num_classes)`` with ``ts``) and the
