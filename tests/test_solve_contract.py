@@ -244,17 +244,46 @@ def _x1(theta, adjoint):
 
 
 @pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
-@pytest.mark.parametrize("how", ["jvp", "jacfwd", "hessian", "grad_of_grad"])
+@pytest.mark.parametrize("how", ["jvp", "jacfwd", "hessian", "grad_of_grad", "jit_jvp", "linearize",
+                                 "jit_linearize", "jit_hessian", "jit_grad_of_grad"])
 def test_derivatives_the_adjoint_cannot_give(adjoint, how):
+    """Refused with the adjoint's own message, eagerly and under jit (found by what JAX does with
+    the solve's guard identities, not by looking at its tracers)."""
     theta = jnp.array([0.3])
     f = lambda th: jnp.sum(_x1(th, adjoint))  # noqa: E731
+    grad_of_grad = lambda th: jax.grad(lambda t: jax.grad(f)(t)[0])(th)  # noqa: E731
     run = {
         "jvp": lambda: jax.jvp(f, (theta,), (jnp.ones(1),)),
         "jacfwd": lambda: jax.jacfwd(f)(theta),
         "hessian": lambda: jax.hessian(f)(theta),
-        "grad_of_grad": lambda: jax.grad(lambda th: jax.grad(f)(th)[0])(theta),
+        "grad_of_grad": lambda: grad_of_grad(theta),
+        "jit_jvp": lambda: jax.jit(lambda th: jax.jvp(f, (th,), (jnp.ones(1),)))(theta),
+        "linearize": lambda: jax.linearize(f, theta)[1](theta),
+        "jit_linearize": lambda: jax.jit(lambda th: jax.linearize(f, th)[1](th))(theta),
+        "jit_hessian": lambda: jax.jit(jax.hessian(f))(theta),
+        "jit_grad_of_grad": lambda: jax.jit(grad_of_grad)(theta),
     }[how]
     _raises(rf"adjoint='{adjoint}' .*needs adjoint='direct'", run, exc=TypeError)
+
+
+@pytest.mark.parametrize("adjoint", ["checkpoint", "direct"])
+def test_derivative_with_respect_to_t1_with_fixed_steps(adjoint):
+    """rk4 of dx/dt = θx from 1: d x(t1)/d t1 = θ e^{θ t1}. The check that fixed steps do not merge
+    near t1 took a derivative of nextafter (NotImplementedError) when t1 was differentiated."""
+    f = lambda t1: jnp.sum(solve(Dynamics(LIN), ONES[:1], jnp.array([0.3]), adjoint=adjoint,  # noqa: E731
+                                 solver="rk4", dt=0.1, t1=t1).x)
+    np.testing.assert_allclose(jax.grad(f)(1.0), 0.3 * np.exp(0.3), rtol=1e-6)
+
+
+def test_reverse_mode_through_the_guards_under_vmap_and_remat():
+    """The identities that refuse forward mode are transparent to every reverse-mode form."""
+    f = lambda th: jnp.sum(_x1(th, "checkpoint"))  # noqa: E731
+    want = np.exp(0.3)  # rk4 of dx/dt = θx: x(1) ≈ e^θ, d/dθ ≈ e^θ
+    thetas = jnp.array([[0.3], [0.3]])
+    np.testing.assert_allclose(jax.vmap(jax.grad(f))(thetas), [[want]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda ths: jnp.sum(jax.vmap(f)(ths)))(thetas), [[want]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jax.grad(jax.checkpoint(f)))(thetas[0]), [want], rtol=1e-6)
+    np.testing.assert_allclose(jax.jacrev(f)(thetas[0]), [want], rtol=1e-6)
 
 
 def test_direct_adjoint_gives_forward_and_second_order():

@@ -102,7 +102,8 @@ def make_attacks(model, config: nc.SolveConfig | dict, mean, std):
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
     def logits(params, x):
-        return model(params, (x - mean) / std, config=config)[0]
+        standardized = (x - jnp.broadcast_to(mean, x.shape)) / jnp.broadcast_to(std, x.shape)
+        return model(params, standardized, config=config)[0]
 
     def correct(params, x, y):
         return jnp.argmax(logits(params, x), -1) == y

@@ -9,11 +9,16 @@ refuses the others with a ``TypeError`` that names the adjoint and the alternati
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import diffrax
 import jax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from .guards import inexact
+from .options import is_concrete
 
 #: adjoints whose solve JAX differentiates like any program (forward mode, any order)
 ANY_ORDER = ("direct", "stored")
@@ -44,67 +49,14 @@ def forward_mode_error(adjoint: str) -> TypeError:
     return TypeError(_FORWARD.format(adjoint=adjoint))
 
 
-def _ad_modes(tree) -> tuple[bool, int]:
-    """``(forward, reverse_levels)``: whether any leaf is being differentiated in forward mode
-    (``jax.jvp``/``jacfwd``), and how many reverse-mode (``grad``/``vjp``) levels wrap it.
-
-    Reads the tracer chain by class name; if JAX renames its tracers this finds nothing and
-    diffrax's own error is raised instead."""
-    forward, reverse = False, 0
-    for leaf in jax.tree.leaves(tree):
-        depth, x = 0, leaf
-        while isinstance(x, jax.core.Tracer):
-            name = type(x).__name__
-            if name == "JVPTracer":
-                forward = True
-            elif name == "LinearizeTracer":
-                depth += 1
-            x = getattr(x, "primal", getattr(x, "val", None))
-        reverse = max(reverse, depth)
-    return forward, reverse
-
-
-def _refusal(adjoint: str, check_grads: bool, inputs, times) -> TypeError | None:
-    """The error for derivatives ``adjoint`` cannot give, or None."""
-    forward, reverse = _ad_modes((inputs, times))
-    if forward and check_grads:
-        return TypeError("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
-                         "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
-    if adjoint in ANY_ORDER:
-        return None
-    if forward:
-        return forward_mode_error(adjoint)
-    if adjoint == "backsolve" and any(_ad_modes(t) != (False, 0) for t in times):
-        return TypeError(
-            "ncode_jax.solve: adjoint='backsolve' gives no derivatives with respect to t0, t1 or ts; "
-            "use adjoint='checkpoint' or 'direct' to differentiate the times")
-    if reverse >= 2 and adjoint == "backsolve":  # diffrax's backsolve loop takes no outer tangents
-        return TypeError(
-            "ncode_jax.solve: adjoint='backsolve' works under one reverse-mode level only: jax.grad "
-            "of a function that itself calls jax.grad needs adjoint='direct' (or adjoint='checkpoint' "
-            "when the inner gradient is under stop_gradient: first-order meta-learning)")
-    return None
-
-
-def guard_derivatives(adjoint: str, check_grads: bool, inputs, times):
-    """``inputs`` (a PyTree), after refusing the derivatives ``adjoint`` cannot give (forward mode;
-    time derivatives and two reverse levels with backsolve; forward mode with ``check_grads``).
-    Under two or more reverse-mode levels the floating leaves pass through
-    :func:`_first_order_only`: a second reverse pass through the first one's gradient raises.
-
-    Raises:
-      TypeError: naming the adjoint and the alternative.
-    """
-    error = _refusal(adjoint, check_grads, inputs, times)
-    if error is not None:
-        raise error
-    if adjoint in ANY_ORDER or _ad_modes(inputs)[1] < 2 and _ad_modes(times)[1] < 2:
-        return inputs
-    leaves, treedef = jax.tree.flatten(inputs)
-    floats = [i for i, a in enumerate(leaves) if inexact(a)]  # integer leaves have no gradient
-    for i, a in zip(floats, _first_order_only([leaves[i] for i in floats], adjoint)):
-        leaves[i] = a
-    return jax.tree.unflatten(treedef, leaves)
+_CHECK_GRADS_FORWARD = ("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
+                        "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
+_BACKSOLVE_TIMES = ("ncode_jax.solve: adjoint='backsolve' gives no derivatives with respect to t0, t1 or "
+                    "ts; use adjoint='checkpoint' or 'direct' to differentiate the times")
+_BACKSOLVE_LEVELS = ("ncode_jax.solve: adjoint='backsolve' works under one reverse-mode level only: "
+                     "jax.grad of a function that itself calls jax.grad needs adjoint='direct' (or "
+                     "adjoint='checkpoint' when the inner gradient is under stop_gradient: first-order "
+                     "meta-learning)")
 
 
 def _second_order_message(adjoint: str) -> str:
@@ -112,40 +64,133 @@ def _second_order_message(adjoint: str) -> str:
             "reverse mode (jax.grad of jax.grad) needs adjoint='direct'")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _first_order_only(tree, adjoint: str):
-    """Identity on a solve's inputs under two reverse-mode levels. Its backward pass (the inner
-    gradient) passes the cotangents through :func:`_not_differentiated`, so a second reverse pass
-    that differentiates the inner gradient (``grad`` of ``grad``: the adjoint's backward loop
-    cannot be transposed) raises a clear ``TypeError`` before it reaches that loop, while one that
-    does not (first-order meta-learning: ``stop_gradient`` of the inner gradient) never calls it."""
-    return tree
+def _raise(message: str):
+    raise TypeError(message)
 
 
-def _first_order_only_fwd(tree, adjoint):
-    return tree, None
+# --- the primitive: a linear identity that may be transposed but not evaluated --------------------
+
+_reverse_only_p = Primitive("ncode_jax_reverse_only")
+_reverse_only_p.def_impl(lambda t, *, forward, then: _raise(forward))
+_reverse_only_p.def_abstract_eval(lambda t, *, forward, then: t)
+mlir.register_lowering(_reverse_only_p, lambda ctx, t, *, forward, then: _raise(forward))
+ad.deflinear2(_reverse_only_p, lambda ct, t, *, forward, then: [then(ct)])
+batching.primitive_batchers[_reverse_only_p] = (
+    lambda args, dims, **params: (_reverse_only_p.bind(args[0], **params), dims[0]))
 
 
-def _first_order_only_bwd(adjoint, _, ct):
-    return (_not_differentiated(ct, adjoint),)
+class _Refuse(NamedTuple):
+    """What :func:`_reverse_only` refuses: ``forward`` is raised when forward mode evaluates the
+    tangent; ``then`` (a hashable function) receives the cotangent in reverse mode; with
+    ``levels``, a differentiation at a level deeper than ``levels`` (any mode) raises ``deeper``
+    at trace time. ``depth`` counts the levels already met."""
+
+    forward: str
+    then: Callable
+    levels: int | None = None
+    deeper: str = ""
+    depth: int = 0
 
 
-_first_order_only.defvjp(_first_order_only_fwd, _first_order_only_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _reverse_only(x, refuse: _Refuse):
+    """Identity on ``x`` that refuses what ``refuse`` says. Its JVP returns the primal wrapped
+    again (one level deeper), so that every level of differentiation meets it, each in turn."""
+    return x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _not_differentiated(tree, adjoint: str):
-    """Identity whose backward pass raises: a gradient that must not be differentiated again."""
-    return tree
+@_reverse_only.defjvp
+def _reverse_only_jvp(refuse, primals, tangents):
+    if refuse.levels is not None and refuse.depth >= refuse.levels:
+        raise TypeError(refuse.deeper)
+    deeper = refuse._replace(depth=refuse.depth + 1)
+    tangent = _reverse_only_p.bind(tangents[0], forward=refuse.forward, then=refuse.then)
+    return _reverse_only(primals[0], deeper), tangent
 
 
-def _not_differentiated_fwd(tree, adjoint):
-    return tree, None
+def _identity(ct):
+    return ct
 
 
-def _not_differentiated_bwd(adjoint, _, ct):
-    raise TypeError(_second_order_message(adjoint))
+def _no_transpose(message: str, ct):
+    raise TypeError(message)
 
 
-_not_differentiated.defvjp(_not_differentiated_fwd, _not_differentiated_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _not_differentiated(x, message: str):
+    """Identity that no derivative may go through: forward mode evaluates the primitive and raises,
+    reverse mode transposes it and raises. Untouched when ``x``'s tangent is zero (not
+    differentiated, or under ``stop_gradient``)."""
+    return x
 
+
+@_not_differentiated.defjvp
+def _not_differentiated_jvp(message, primals, tangents):
+    then = functools.partial(_no_transpose, message)
+    return _not_differentiated(primals[0], message), _reverse_only_p.bind(tangents[0], forward=message,
+                                                                          then=then)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _no_derivative(x, message: str):
+    """Identity whose JVP rule raises at trace time: any differentiation of ``x`` (forward or
+    reverse, any level) is refused before the next operation sees the tangent."""
+    return x
+
+
+@_no_derivative.defjvp
+def _no_derivative_jvp(message, primals, tangents):
+    raise TypeError(message)
+
+
+def _apply_to_floats(tree, fn):
+    """``fn`` on each floating leaf of ``tree`` (integer leaves have no derivative)."""
+    return jax.tree.map(lambda a: fn(a) if inexact(a) else a, tree)
+
+
+def guard_derivatives(adjoint: str, check_grads: bool, inputs, times):
+    """``(inputs, times)`` passed through the identities that refuse, when a derivative reaches
+    them, what ``adjoint`` cannot give: forward mode (every adjoint with ``check_grads``; all but
+    ``direct`` and ``stored`` otherwise); second derivatives through ``checkpoint``'s backward
+    loop; derivatives with respect to the times with ``backsolve``. Nothing is refused for a
+    derivative that is not taken. ``times`` is ``(t0, t1, ts)``; those known at trace time are
+    returned as they are.
+
+    Raises (when the derivative is taken):
+      TypeError: naming the adjoint and the alternative.
+    """
+    if adjoint in ANY_ORDER:
+        if check_grads:
+            refuse = _Refuse(_CHECK_GRADS_FORWARD, _identity)
+            inputs = _apply_to_floats(inputs, lambda a: _reverse_only(a, refuse))
+        return inputs, times
+    forward = _CHECK_GRADS_FORWARD if check_grads else _FORWARD.format(adjoint=adjoint)
+    if adjoint == "backsolve":  # diffrax's backsolve loop takes no outer tangents, whatever their use
+        refuse = _Refuse(forward, _identity, levels=1, deeper=_BACKSOLVE_LEVELS)
+    else:
+        second = functools.partial(_not_differentiated, message=_second_order_message(adjoint))
+        refuse = _Refuse(forward, second)
+    inputs = _apply_to_floats(inputs, lambda a: _reverse_only(a, refuse))
+    if adjoint == "backsolve":
+        times = tuple(t if is_concrete(t) else _no_derivative(t, _BACKSOLVE_TIMES) for t in times)
+    return inputs, times
+
+
+def guard_outputs(adjoint: str, outputs):
+    """The solve's ``outputs`` passed through the identities that refuse what ``adjoint`` cannot
+    give once its backward pass is itself differentiated: with ``checkpoint``, forward mode over
+    the backward pass (``jax.hessian``) raises when evaluated; with ``backsolve``, any outer
+    differentiation of the backward pass (even under ``stop_gradient``) raises at trace time.
+    Runs before the adjoint's own backward pass sees the cotangents.
+
+    Raises (when the derivative is taken):
+      TypeError: naming the adjoint and the alternative.
+    """
+    if adjoint in ANY_ORDER:
+        return outputs
+    forward = _FORWARD.format(adjoint=adjoint)
+    if adjoint == "backsolve":
+        then = functools.partial(_no_derivative, message=_BACKSOLVE_LEVELS)
+    else:
+        then = functools.partial(_reverse_only, refuse=_Refuse(_second_order_message(adjoint), _identity))
+    return _apply_to_floats(outputs, lambda a: _reverse_only(a, _Refuse(forward, then)))

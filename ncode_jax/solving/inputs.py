@@ -100,8 +100,9 @@ def guard_inputs(plan: Plan, x0, theta0, args: DynamicsArgs, *, throw: bool, che
     times = Times(*(None if t is None else jnp.asarray(t, plan.tdtype) for t in (cfg.t0, cfg.t1, plan.ts)))
     if cfg.dt is None and not (is_concrete(cfg.rtol) and is_concrete(cfg.atol)):
         times = times._replace(rtol=cfg.rtol, atol=cfg.atol)
-    x0, theta0, args = guard_derivatives(cfg.adjoint, check_grads, (x0, theta0, args),
-                                         (cfg.t0, cfg.t1, plan.ts))
+    (x0, theta0, args), (t0, t1, ts) = guard_derivatives(cfg.adjoint, check_grads, (x0, theta0, args),
+                                                         (times.t0, times.t1, times.ts))
+    times = times._replace(t0=t0, t1=t1, ts=ts)
     if throw:
         values = plan.values(t0=times.t0, t1=times.t1, ts=times.ts, rtol=cfg.rtol, atol=cfg.atol,
                              span=times.t1 - times.t0 if plan.span is None else plan.span)

@@ -10,6 +10,7 @@ times.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -98,6 +99,8 @@ def steps_merged(xp, span, dt: float, dtype):
     end up to it. ``xp`` is ``numpy`` (a known span) or ``jax.numpy`` (a traced one); returns
     ``(merged, width)``, ``width`` the rounding zone's length."""
     a = xp.abs(xp.asarray(span, dtype))
+    if xp is not np:  # a check on the times: no derivative goes through it (nextafter has none)
+        a, dt = jax.lax.stop_gradient((a, dt))
     width = MERGE_ULPS * (a - xp.nextafter(a, xp.zeros_like(a)))
     n = xp.maximum(xp.ceil(a / xp.nextafter(xp.asarray(dt, dtype), xp.asarray(np.inf, dtype))), 1)
     return (n > 1) & (a / n <= width), width
