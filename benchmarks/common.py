@@ -17,9 +17,8 @@ import numpy as np
 
 import ncode_jax as nc
 
-# fields that count their evaluations, and the counters: shared with the tests, defined there (the
-# benchmarks run from the repository root, where ``tests`` is importable)
-from tests.helpers import (  # noqa: F401
+# fields that count their evaluations, and the counters (shared with the tests)
+from ncode_jax.evaluations import (  # noqa: F401
     CountingConvField,
     CountingMLPField,
     count_evaluation,

@@ -1,13 +1,11 @@
 """Helpers shared by several test modules (imported as ``from helpers import ...``): documented code
-blocks, PyTree comparisons, fields that count their evaluations, and the kill-and-resume harness.
-
-The benchmarks count field evaluations with the same fields (``benchmarks.common`` imports them
-from here), so this module needs nothing beyond the package's own dependencies.
+blocks, PyTree comparisons, and the kill-and-resume harness. The fields that count their
+evaluations live in :mod:`ncode_jax.evaluations` (the benchmarks use them too) and are re-exported
+here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ncode_jax as nc
+from ncode_jax.evaluations import (  # noqa: F401  re-exported for the tests
+    CountingConvField,
+    CountingMLPField,
+    count_evaluation,
+    counted,
+    evaluations,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,58 +54,6 @@ def tree_rel_err(a, b) -> float:
             scale = max(float(jnp.linalg.norm(y.ravel())), 1e-30)
             errs.append(float(jnp.linalg.norm((x - y).ravel()) / scale))
     return max(errs)
-
-
-# --- fields that count their evaluations ----------------------------------------------------------
-
-_EVALUATIONS = [0]
-
-
-def _bump(_) -> None:
-    _EVALUATIONS[0] += 1
-
-
-def count_evaluation(x) -> None:
-    """Inside a traced function (a vector field, a running cost): count one evaluation on the
-    host each time XLA runs it. The callback reads one entry of ``x``, which must depend on the
-    state: a callback without operands is loop-invariant, and JAX's partial evaluation of a
-    differentiated ``lax.scan`` hoists it out of the loop, so it would run once, not once per step.
-    Under ``jax.vmap`` (e.g. ``solve(batch="vmap")``) it runs once per mapped element, so divide
-    such counts by the batch size."""
-    jax.debug.callback(_bump, jnp.ravel(x)[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingMLPField(nc.MLPField):
-    """:class:`ncode_jax.MLPField` that counts its evaluations (:func:`count_evaluation`)."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
-
-@dataclasses.dataclass(frozen=True)
-class CountingConvField(nc.ConvBlockField):
-    """:class:`ncode_jax.ConvBlockField` that counts its evaluations (:func:`count_evaluation`)."""
-
-    def apply(self, t, x, w):
-        count_evaluation(x)
-        return super().apply(t, x, w)
-
-
-def counted(fn: Callable, *args):
-    """``(fn(*args), the evaluations counted during that call)`` (:func:`count_evaluation`)."""
-    jax.effects_barrier()
-    _EVALUATIONS[0] = 0
-    out = jax.block_until_ready(fn(*args))
-    jax.effects_barrier()
-    return out, _EVALUATIONS[0]
-
-
-def evaluations(fn: Callable, *args) -> int:
-    """Evaluations counted during one call ``fn(*args)``, after a first call that compiles."""
-    jax.block_until_ready(fn(*args))
-    return counted(fn, *args)[1]
 
 
 # --- kill and resume ------------------------------------------------------------------------------

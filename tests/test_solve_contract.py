@@ -281,7 +281,8 @@ def test_reverse_mode_through_the_guards_under_vmap_and_remat():
     want = np.exp(0.3)  # rk4 of dx/dt = θx: x(1) ≈ e^θ, d/dθ ≈ e^θ
     thetas = jnp.array([[0.3], [0.3]])
     np.testing.assert_allclose(jax.vmap(jax.grad(f))(thetas), [[want]] * 2, rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda ths: jnp.sum(jax.vmap(f)(ths)))(thetas), [[want]] * 2, rtol=1e-6)
+    summed = lambda ths: jnp.sum(jax.vmap(f)(ths))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(summed)(thetas), [[want]] * 2, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(jax.grad(jax.checkpoint(f)))(thetas[0]), [want], rtol=1e-6)
     np.testing.assert_allclose(jax.jacrev(f)(thetas[0]), [want], rtol=1e-6)
 
