@@ -44,11 +44,6 @@ def diffrax_adjoint(name: str, checkpoints: int | None, backward_controller, thr
     return diffrax.DirectAdjoint()
 
 
-def forward_mode_error(adjoint: str) -> TypeError:
-    """The error for forward-mode derivatives of a solve with ``adjoint``."""
-    return TypeError(_FORWARD.format(adjoint=adjoint))
-
-
 _CHECK_GRADS_FORWARD = ("ncode_jax.solve: check_grads=True checks reverse-mode gradients only; "
                         "forward-mode derivatives (jax.jvp, jax.jacfwd, jax.hessian) need check_grads=False")
 _BACKSOLVE_TIMES = ("ncode_jax.solve: adjoint='backsolve' gives no derivatives with respect to t0, t1 or "
