@@ -26,7 +26,6 @@ from jaxtyping import Array
 
 from .dynamics import Dynamics, DynamicsArgs
 from .solvers import nfe_count
-from .solving.adjoints import guard_outputs
 from .solving.diagnose import RESULT_CODES, diagnose
 from .solving.guards import guard
 from .solving.inputs import check_inputs, guard_inputs
@@ -184,7 +183,6 @@ def solve(
     else:
         x, theta, cost, stats = _per_sample(system, x0, theta0, saves=ts is not None,
                                             closed_loop=dynamics.closed_loop)
-    x, theta, cost = guard_outputs(cfg.adjoint, (x, theta, cost))
     return Solution(x=x, theta=theta, cost=cost, ts=times.t1[None] if ts is None else times.ts, stats=stats)
 
 

@@ -275,6 +275,18 @@ def test_derivative_with_respect_to_t1_with_fixed_steps(adjoint):
     np.testing.assert_allclose(jax.grad(f)(1.0), 0.3 * np.exp(0.3), rtol=1e-6)
 
 
+@pytest.mark.parametrize("adjoint", ["checkpoint", "backsolve"])
+def test_second_level_through_the_cotangent_only_is_computed(adjoint):
+    """An outer derivative with respect to a weight of the loss differentiates the first gradient
+    through its cotangent only, never the solve's inputs: not a second derivative of the solve,
+    so not refused. rk4 of dx/dt = θx from 1: d/dw of d/dθ [w x(1)²] = 2 x ∂x/∂θ ≈ 2 e^{2θ}."""
+    def inner_gradient(w):
+        f = lambda th: w * jnp.sum(_x1(th, adjoint) ** 2)  # noqa: E731
+        return jax.grad(f)(jnp.array([0.3]))[0]
+
+    np.testing.assert_allclose(jax.grad(inner_gradient)(2.0), 2 * np.exp(0.6), rtol=1e-5)
+
+
 def test_reverse_mode_through_the_guards_under_vmap_and_remat():
     """The identities that refuse forward mode are transparent to every reverse-mode form."""
     f = lambda th: jnp.sum(_x1(th, "checkpoint"))  # noqa: E731

@@ -4,6 +4,20 @@
 ``backsolve`` (``BacksolveAdjoint``) give reverse-mode first derivatives; ``direct``
 (``DirectAdjoint``) and ``stored`` (a plain ``lax.scan``) any derivative. :func:`guard_derivatives`
 refuses the others with a ``TypeError`` that names the adjoint and the alternative.
+
+How a refused derivative is recognised, without looking at JAX's tracers: the solve's inputs pass
+through identities whose JVP sends the tangent through a linear primitive,
+``ncode_jax_reverse_only``. Reverse mode (``grad``, ``vjp``) only ever *transposes* that
+primitive, and its transpose is the identity on the cotangent; forward mode (``jvp``, ``jacfwd``,
+``linearize``) *evaluates* it, and evaluating it raises (eagerly, or when ``jit`` lowers it).
+Each identity's JVP returns its primal wrapped again, so every level of differentiation meets it
+in turn. The higher orders: with ``checkpoint`` the input cotangents pass through an identity
+whose tangent may be neither evaluated nor transposed (a second derivative through the first
+one's backward loop raises; an inner gradient under ``stop_gradient``, first-order
+meta-learning, never differentiates it); with ``backsolve`` a second level that differentiates
+the inputs raises at trace time, before diffrax's backward solve would see its tangents. The
+primitive is defined with JAX's documented extension API (``jax.extend.core.Primitive`` and the
+``jax.interpreters`` rule tables).
 """
 
 from __future__ import annotations
@@ -74,17 +88,30 @@ batching.primitive_batchers[_reverse_only_p] = (
     lambda args, dims, **params: (_reverse_only_p.bind(args[0], **params), dims[0]))
 
 
+class _Levels:
+    """Records, at trace time, that a second level of differentiation met a solve's inputs (the
+    inputs themselves are differentiated twice, as in ``grad`` of ``grad`` with respect to θ, not
+    only the first gradient's cotangent). Hashed by identity: one per solve call."""
+
+    __slots__ = ("second",)
+
+    def __init__(self):
+        self.second = False
+
+
 class _Refuse(NamedTuple):
     """What :func:`_reverse_only` refuses: ``forward`` is raised when forward mode evaluates the
     tangent; ``then`` (a hashable function) receives the cotangent in reverse mode; with
     ``levels``, a differentiation at a level deeper than ``levels`` (any mode) raises ``deeper``
-    at trace time. ``depth`` counts the levels already met."""
+    at trace time. ``depth`` counts the levels already met; ``seen`` (a :class:`_Levels`, or
+    None) is told when a second level arrives."""
 
     forward: str
     then: Callable
     levels: int | None = None
     deeper: str = ""
     depth: int = 0
+    seen: _Levels | None = None
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -98,6 +125,8 @@ def _reverse_only(x, refuse: _Refuse):
 def _reverse_only_jvp(refuse, primals, tangents):
     if refuse.levels is not None and refuse.depth >= refuse.levels:
         raise TypeError(refuse.deeper)
+    if refuse.depth >= 1 and refuse.seen is not None:
+        refuse.seen.second = True
     deeper = refuse._replace(depth=refuse.depth + 1)
     tangent = _reverse_only_p.bind(tangents[0], forward=refuse.forward, then=refuse.then)
     return _reverse_only(primals[0], deeper), tangent
@@ -109,6 +138,14 @@ def _identity(ct):
 
 def _no_transpose(message: str, ct):
     raise TypeError(message)
+
+
+def _first_order_only(seen: _Levels, message: str, ct):
+    """The first gradient's cotangent ``ct``, made non-differentiable when the inputs are
+    differentiated at a second level too (``seen``). A second level that only differentiates the
+    cotangent (a weight of the loss, say) goes on to the adjoint's own backward pass, as JAX
+    would take it."""
+    return _not_differentiated(ct, message) if seen.second else ct
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -163,29 +200,10 @@ def guard_derivatives(adjoint: str, check_grads: bool, inputs, times):
     if adjoint == "backsolve":  # diffrax's backsolve loop takes no outer tangents, whatever their use
         refuse = _Refuse(forward, _identity, levels=1, deeper=_BACKSOLVE_LEVELS)
     else:
-        second = functools.partial(_not_differentiated, message=_second_order_message(adjoint))
-        refuse = _Refuse(forward, second)
+        seen = _Levels()
+        refuse = _Refuse(forward, functools.partial(_first_order_only, seen, _second_order_message(adjoint)),
+                         seen=seen)
     inputs = _apply_to_floats(inputs, lambda a: _reverse_only(a, refuse))
     if adjoint == "backsolve":
         times = tuple(t if is_concrete(t) else _no_derivative(t, _BACKSOLVE_TIMES) for t in times)
     return inputs, times
-
-
-def guard_outputs(adjoint: str, outputs):
-    """The solve's ``outputs`` passed through the identities that refuse what ``adjoint`` cannot
-    give once its backward pass is itself differentiated: with ``checkpoint``, forward mode over
-    the backward pass (``jax.hessian``) raises when evaluated; with ``backsolve``, any outer
-    differentiation of the backward pass (even under ``stop_gradient``) raises at trace time.
-    Runs before the adjoint's own backward pass sees the cotangents.
-
-    Raises (when the derivative is taken):
-      TypeError: naming the adjoint and the alternative.
-    """
-    if adjoint in ANY_ORDER:
-        return outputs
-    forward = _FORWARD.format(adjoint=adjoint)
-    if adjoint == "backsolve":
-        then = functools.partial(_no_derivative, message=_BACKSOLVE_LEVELS)
-    else:
-        then = functools.partial(_reverse_only, refuse=_Refuse(_second_order_message(adjoint), _identity))
-    return _apply_to_floats(outputs, lambda a: _reverse_only(a, _Refuse(forward, then)))
