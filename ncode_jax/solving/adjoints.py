@@ -148,19 +148,11 @@ def _first_order_only(seen: _Levels, message: str, ct):
     return _not_differentiated(ct, message) if seen.second else ct
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _not_differentiated(x, message: str):
     """Identity that no derivative may go through: forward mode evaluates the primitive and raises,
     reverse mode transposes it and raises. Untouched when ``x``'s tangent is zero (not
     differentiated, or under ``stop_gradient``)."""
-    return x
-
-
-@_not_differentiated.defjvp
-def _not_differentiated_jvp(message, primals, tangents):
-    then = functools.partial(_no_transpose, message)
-    return _not_differentiated(primals[0], message), _reverse_only_p.bind(tangents[0], forward=message,
-                                                                          then=then)
+    return _reverse_only(x, _Refuse(message, functools.partial(_no_transpose, message)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -197,7 +189,7 @@ def guard_derivatives(adjoint: str, check_grads: bool, inputs, times):
             inputs = _apply_to_floats(inputs, lambda a: _reverse_only(a, refuse))
         return inputs, times
     forward = _CHECK_GRADS_FORWARD if check_grads else _FORWARD.format(adjoint=adjoint)
-    if adjoint == "backsolve":  # diffrax's backsolve loop takes no outer tangents, whatever their use
+    if adjoint == "backsolve":  # diffrax's backsolve loop cannot trace inputs with outer tangents
         refuse = _Refuse(forward, _identity, levels=1, deeper=_BACKSOLVE_LEVELS)
     else:
         seen = _Levels()
